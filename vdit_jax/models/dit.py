@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdit_jax.models import layers
+from vdit_jax.models import attention, layers
 from vdit_jax.models.layers import Grid
 from vdit_jax.parallel import sharding as sh
 
@@ -57,6 +57,10 @@ class DiTConfig:
     # none / full / dots / dots_no_batch / offload (matmul outputs to pinned host memory; GPU/TPU, also runs on CPU)
     remat: str = "none"
     scan_layers: bool = False  # nn.scan over the blocks of each stage: compile time independent of depth
+    # auto / xla / cudnn / splash (vdit_jax.models.attention); auto: cuDNN on GPU in bf16, splash on TPU, else XLA
+    attention_impl: str = "auto"
+    # tokens split over the `sequence` mesh axis: K/V all-gathered (`allgather`) or passed around a ring (`ring`)
+    sequence_parallel: str = "allgather"
 
     def __post_init__(self):
         def fail(msg):
@@ -85,6 +89,10 @@ class DiTConfig:
             fail(f"hidden_size {self.hidden_size} must be a multiple of 4 for sin-cos embeddings")
         if "rope" in self.pos_emb and (self.head_dim % 2 or self.head_dim < 6):
             fail(f"rope needs an even head_dim >= 6, got {self.head_dim}")
+        if self.attention_impl not in attention.IMPLEMENTATIONS:
+            fail(f"attention_impl {self.attention_impl!r} is not one of {attention.IMPLEMENTATIONS}")
+        if self.sequence_parallel not in attention.SEQUENCE_PARALLEL:
+            fail(f"sequence_parallel {self.sequence_parallel!r} is not one of {attention.SEQUENCE_PARALLEL}")
         if self.remat not in REMAT_POLICIES:
             fail(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
@@ -159,14 +167,16 @@ class DiTBlock(nn.Module):
                 layout=grouping,
                 window=window,
                 qk_norm=cfg.qk_norm,
+                implementation=cfg.attention_impl,
+                sequence_parallel=cfg.sequence_parallel,
                 name=f"attn_{grouping}",
                 **kw,
             )(h, self.grid, rope)
             x = x + gate[:, None] * h
         if context is not None:  # [B, L, D]
-            h = layers.CrossAttention(cfg.num_heads, qk_norm=cfg.qk_norm, name="cross_attn", **kw)(
-                layers.layer_norm(dtype)(x), context
-            )
+            h = layers.CrossAttention(
+                cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention_impl, name="cross_attn", **kw
+            )(layers.layer_norm(dtype)(x), context)
             x = x + h
         shift, scale, gate = mod[-3:]
         h = layers.modulate(layers.layer_norm(dtype)(x), shift, scale)

@@ -7,7 +7,7 @@ constrained with them, so the same modules run on one device or on any mesh the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import einops
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit_jax.models import attention
 from vdit_jax.parallel import sharding as sh
 
 Dtype = Any
@@ -263,7 +264,8 @@ class Attention(nn.Module):
     qk_norm: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_fn: Callable[..., jax.Array] | None = None
+    implementation: str = "auto"  # attention.IMPLEMENTATIONS
+    sequence_parallel: str = "allgather"  # attention.SEQUENCE_PARALLEL
 
     @nn.compact
     def __call__(self, x: jax.Array, grid: Grid, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
@@ -290,8 +292,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         q, k, v = (group_tokens(a, self.layout, grid, self.window) for a in (q, k, v))
-        attend = self.attention_fn or jax.nn.dot_product_attention
-        out = attend(q, k, v)  # [B*G, L, heads, Dh]
+        # Full attention keeps the token axis (split over `sequence` by the rules); groupings fold it into batch.
+        axes = act if self.layout == "full" else (sh.BATCH, None, sh.ACT_HEADS, sh.ACT_KV)
+        out = attention.attend(
+            q, k, v, implementation=self.implementation, sequence_parallel=self.sequence_parallel, q_axes=axes
+        )  # [B*G, L, heads, Dh]
         out = ungroup_tokens(out, b, self.layout, grid, self.window)
         out = nn.with_logical_constraint(out, act).reshape(b, n, d)
         return dense(d, (sh.HEADS, sh.EMBED), name="out", **kw)(out)
@@ -330,7 +335,7 @@ class CrossAttention(nn.Module):
     qk_norm: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_fn: Callable[..., jax.Array] | None = None
+    implementation: str = "auto"  # attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -355,8 +360,14 @@ class CrossAttention(nn.Module):
                 name=name,
             )
             q, k = norm("query_norm")(q), norm("key_norm")(k)
-        attend = self.attention_fn or jax.nn.dot_product_attention
-        out = attend(q, k, v)  # [B, N, heads, Dh]
+        out = attention.attend(
+            q,
+            k,
+            v,
+            implementation=self.implementation,
+            q_axes=(sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV),
+            kv_axes=(sh.BATCH, sh.TEXT_LENGTH, sh.ACT_HEADS, sh.ACT_KV),
+        )  # [B, N, heads, Dh]
         out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV)).reshape(b, n, d)
         return dense(d, (sh.HEADS, sh.EMBED), zero_init=True, name="out", **kw)(out)
 

@@ -53,6 +53,7 @@ class Result:
     compile_s: float = 0.0
     error: str | None = None  # the compiler's message when it refused the program (out of HBM)
     tried: list[tuple[dict[str, int], str]] = dataclasses.field(default_factory=list)  # the auto search's log
+    attention: str = ""  # the attention implementation compiled (and the sequence-parallel mode, if used)
 
     @property
     def margin_bytes(self) -> int:
@@ -68,6 +69,7 @@ class Result:
             "hosts": self.hosts,
             "mesh": self.mesh,
             "mesh_source": self.mesh_source,
+            "attention": self.attention,
             "fits": self.fits,
             "hbm_gib": gib(self.tpu.hbm_bytes),
             "total_gib": gib(self.memory["total"]) if "total" in self.memory else None,
@@ -109,6 +111,15 @@ def with_mesh(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int]) 
     return c
 
 
+def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config as a TPU runs it: `attention_impl=auto` means the splash kernel there (this process's own
+    backend is the CPU, so `auto` cannot be resolved from it)."""
+    c = copy.deepcopy(config)
+    if c.model.attention_impl == "auto":
+        c.model.attention_impl = "splash"
+    return c
+
+
 def unrolled_flops(config: ml_collections.ConfigDict) -> float | None:
     """XLA's FLOPs of the whole step with scanned layers unrolled, from an unpartitioned CPU lowering.
 
@@ -117,6 +128,7 @@ def unrolled_flops(config: ml_collections.ConfigDict) -> float | None:
     """
     c = copy.deepcopy(config)
     c.model.scan_layers = False
+    c.model.attention_impl = "xla"  # kernels are custom calls whose FLOPs XLA does not count
     c.mesh_shape = ml_collections.ConfigDict({a: 1 for a in sh.MESH_AXES})
     cpu = jax.devices("cpu")[:1]
     mesh = mesh_lib.make_mesh(c.mesh_shape.to_dict(), cpu)
@@ -228,11 +240,14 @@ def compile_on_mesh(
     config: ml_collections.ConfigDict, tpu: topology.TpuSlice, devices, mesh_shape: Mapping[str, int], source: str
 ) -> Result:
     """Compiles the train step for `mesh_shape` over `devices`; an out-of-HBM refusal is a result, not an error."""
-    config = with_mesh(config, mesh_shape)
+    config = for_tpu(with_mesh(config, mesh_shape))
     hosts = topology.num_hosts(devices)
     config_lib.validate(config, len(devices), hosts)
     mesh = mesh_lib.make_mesh(config.mesh_shape.to_dict(), devices)
     shape = {a: int(s) for a, s in mesh.shape.items()}
+    attention = config.model.attention_impl
+    if shape[sh.SEQUENCE] > 1:
+        attention += f", sequence parallel: {config.model.sequence_parallel}"
     t0 = time.perf_counter()
     try:
         compiled = lower_train_step(config, mesh).compile()
@@ -240,7 +255,15 @@ def compile_on_mesh(
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return Result(
-            tpu, hosts, shape, source, False, _oom_memory(str(e)), compile_s=time.perf_counter() - t0, error=_short(e)
+            tpu,
+            hosts,
+            shape,
+            source,
+            False,
+            _oom_memory(str(e)),
+            compile_s=time.perf_counter() - t0,
+            error=_short(e),
+            attention=attention,
         )
     elapsed = time.perf_counter() - t0
     memory = memory_breakdown(compiled)
@@ -256,6 +279,7 @@ def compile_on_mesh(
         flops_per_chip=flops,
         collectives=collectives(compiled.as_text()),
         compile_s=elapsed,
+        attention=attention,
     )
 
 
@@ -399,6 +423,7 @@ def format_report(r: Result) -> str:
         f"topology        {r.tpu.name} = {r.tpu.topology_name}: {r.tpu.chips} chips, {r.hosts} host(s), "
         f"{r.tpu.hbm_gib:.0f} GiB HBM a chip",
         f"mesh            {r.mesh} (from {r.mesh_source})",
+        f"attention       {r.attention}",
     ]
     if len(r.tried) > 1 or r.mesh_source == "auto":
         lines += [f"  tried         {shape}: {verdict}" for shape, verdict in r.tried]

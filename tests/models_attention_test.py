@@ -1,0 +1,141 @@
+"""The attention entry point: padded/masked kernel paths, splash in interpret mode, sequence parallelism."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.models_dit_test import inputs, randomize, tiny
+from vdit_jax.models import attention, dit
+from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.parallel import sharding as sh
+
+
+def reference(q, k, v):
+    """Softmax attention written out in float32 (no JAX attention function involved)."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v, precision="highest")
+
+
+def qkv(b, lq, lk, h, d, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(ks[0], (b, lq, h, d)),
+        jax.random.normal(ks[1], (b, lk, h, d)),
+        jax.random.normal(ks[2], (b, lk, h, d)),
+    )
+
+
+def test_resolve_per_backend_and_dtype():
+    assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
+    assert attention.resolve("auto", jnp.float32, "gpu") == "xla"  # cuDNN flash attention is bf16/fp16 only
+    assert attention.resolve("auto", jnp.float32, "tpu") == "splash"
+    assert attention.resolve("auto", jnp.bfloat16, "cpu") == "xla"
+    assert attention.resolve("splash", jnp.float32, "cpu") == "splash"
+    with pytest.raises(ValueError, match="'flash' is not one of"):
+        attention.resolve("flash", jnp.float32)
+
+
+@pytest.mark.parametrize("lq,lk", [(100, 100), (37, 130), (128, 9)])
+def test_padded_masked_xla_matches_plain(lq, lk):
+    q, k, v = qkv(2, lq, lk, 3, 16)
+    out = attention.xla_attention(q, k, v, block=64)
+    assert out.shape == q.shape
+    np.testing.assert_allclose(out, reference(q, k, v), rtol=2e-5, atol=2e-5)
+    # Unmasked padding would change the result: the padded keys score 0 and would take softmax mass.
+    padded = jax.nn.dot_product_attention(q, attention._pad_axis(k, 1, 64), attention._pad_axis(v, 1, 64))
+    if lk % 64:
+        assert not np.allclose(padded, reference(q, k, v), atol=1e-3)
+
+
+@pytest.mark.parametrize("lq,lk,d", [(200, 200, 72), (105, 9, 32)])
+def test_splash_interpret_matches_plain(lq, lk, d):
+    """Pallas splash attention run by the Pallas interpreter on the CPU: token counts that are no block multiple
+    (105 = 3x5x7 tokens, 9 text tokens) and a head width that is no lane multiple (72, DiT-XL's)."""
+    q, k, v = qkv(2, lq, lk, 2, d, seed=1)
+    out = attention.splash_attention(q, k, v, interpret=True)
+    assert out.shape == q.shape
+    np.testing.assert_allclose(out, reference(q, k, v), rtol=1e-4, atol=1e-4)
+
+
+def test_splash_interpret_gradients_match_plain():
+    q, k, v = qkv(1, 150, 150, 2, 16, seed=2)
+    w = jax.random.normal(jax.random.key(3), q.shape)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    got = jax.grad(loss(lambda *a: attention.splash_attention(*a, interpret=True)), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_attend_rejects_unknown_sequence_parallel():
+    q, k, v = qkv(1, 8, 8, 1, 8)
+    with pytest.raises(ValueError, match="sequence_parallel 'scatter' is not one of"):
+        attention.attend(q, k, v, sequence_parallel="scatter")
+
+
+AXES = (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV)
+
+
+@pytest.mark.parametrize("mode", attention.SEQUENCE_PARALLEL)
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_sequence_parallel_attention_matches_unsharded(mode, impl):
+    """Tokens split 4 ways over `sequence` (batch 2 ways over `data`): outputs and q/k/v gradients equal."""
+    assert jax.device_count() == 8
+    q, k, v = qkv(2, 64, 64, 2, 16, seed=4)
+    w = jax.random.normal(jax.random.key(5), q.shape)
+    mesh = mesh_lib.make_mesh({"data": 2, "sequence": 4})
+
+    def loss(q, k, v):
+        out = attention.attend(q, k, v, implementation=impl, sequence_parallel=mode, q_axes=AXES, interpret=True)
+        return jnp.sum(out * w), out
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sh.default_rules()):
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "sequence"))
+        args = [jax.device_put(a, spec) for a in (q, k, v)]
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+        hlo = jax.jit(loss).lower(*args).compile().as_text()
+    assert ("collective-permute" if mode == "ring" else "all-gather") in hlo
+    np.testing.assert_allclose(out, reference(q, k, v), rtol=1e-5, atol=1e-5)
+    want = jax.grad(lambda q, k, v: jnp.sum(reference(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+    for g, e in zip(grads, want, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mode,mesh_shape",
+    [
+        ("allgather", {"data": 2, "sequence": 4}),
+        ("ring", {"fsdp": 2, "tensor": 2, "sequence": 2}),
+    ],
+)
+def test_sequence_parallel_dit_matches_single_device(mode, mesh_shape):
+    """The whole DiT (full attention, RoPE, text cross-attention) with its tokens split over `sequence`: the same
+    output and parameter gradients as on one device."""
+    cfg = tiny(attention="full", hidden_size=64, num_heads=4, pos_emb="sincos+rope", sequence_parallel=mode)
+    cfg = dit.DiTConfig(**{**cfg.__dict__, "text_dim": 16})
+    shape = (4, 4, 16, 16, 3)
+    x, t, labels = inputs(shape)
+    text = jax.random.normal(jax.random.key(7), (4, 5, 16))
+    params = nn.unbox(randomize(dit.init_params(cfg, jax.random.key(0), shape)))
+    target = jax.random.normal(jax.random.key(8), shape)
+
+    def loss(p, x, t, y, c):
+        out = dit.DiT(cfg).apply(p, x, t, y, c)
+        return jnp.mean((out - target) ** 2), out
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    (_, expected), expected_grads = jax.jit(grad_fn)(params, x, t, labels, text)
+    mesh = mesh_lib.make_mesh(mesh_shape)
+    rules = sh.default_rules()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        batch = lambda a: jax.device_put(a, sh.batch_sharding(mesh, rules, a.ndim))
+        fn = jax.jit(grad_fn)
+        (_, out), grads = fn(params, *(batch(a) for a in (x, t, labels, text)))
+        hlo = fn.lower(params, *(batch(a) for a in (x, t, labels, text))).compile().as_text()
+    assert ("collective-permute" if mode == "ring" else "all-gather") in hlo
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    flat = jax.tree.leaves_with_path(grads)
+    for (path, g), e in zip(flat, jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
