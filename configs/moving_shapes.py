@@ -29,11 +29,11 @@ def get_config(arg: str = "tiny"):
         c.diffusion.prediction = "x0"
         c.diffusion.min_snr_gamma = 0.0
         c.train.global_batch_size = 16
-        c.train.num_steps = 3500
+        c.train.num_steps = 1600
         c.train.learning_rate = 2e-3
         c.train.warmup_steps = 100
         c.train.log_every = 100
-        c.train.checkpoint_every = 500
+        c.train.checkpoint_every = 400
         c.sample.guidance = 3.0
     else:
         c.data.builder_config = "16x64"
