@@ -1,8 +1,8 @@
 """moving_shapes experiments: `--config=configs/moving_shapes.py:VARIANT` with VARIANT one of tiny / S / B / XL.
 
 `tiny` is the CPU demo (README): a small DiT on the 8x32 builder config, 1,600 steps in about ten minutes on two
-cores; what its samples reach is measured in the README (short of the demo's targets so far). S / B / XL are the same task at accelerator scale on the
-16x64 builder config.
+cores; what its samples reach is measured in the README. S / B / XL are the same task at accelerator scale on
+the 16x64 builder config.
 """
 
 from vdit_jax import config as config_lib
