@@ -6,6 +6,7 @@ the 16x64 builder config.
 """
 
 from vdit_jax import config as config_lib
+from vdit_jax.data import moving_shapes
 from vdit_jax.models import dit
 
 VARIANTS = ("tiny", "S", "B", "XL")
@@ -18,11 +19,14 @@ def get_config(arg: str = "tiny"):
     c = config_lib.base_config()
     c.model.update(dit.SIZES[variant])
     c.model.num_classes = c.data.num_classes
+    # One embedding per attribute (colour x shape x direction, the label's mixed-radix digits) instead of one per
+    # class: each is learned from every class that has it (tiny demo: direction accuracy 0.23 -> 0.63).
+    c.model.label_factors = (len(moving_shapes.COLOUR_NAMES), len(moving_shapes.SHAPES), len(moving_shapes.DIRECTIONS))
     if variant == "tiny":
         # The CPU demo recipe, measured on 2 cores (README): 8-frame clips (2 x 8 x 8 = 128 tokens of 4x4x4 tubelets),
         # x0-prediction (a width-128 model cannot pass a 192-value noise patch through, so eps / v predictions
         # leave residual noise), plain x0 MSE (min-SNR starves the high-noise steps where the label is learned),
-        # small batches and many steps, strong guidance.
+        # small batches and many steps, strong guidance (6 beat 3 and 10 at DDIM 50).
         c.data.builder_config = "8x32"
         c.data.video_shape = (8, 32, 32, 3)
         c.model.patch_size = (4, 4, 4)
@@ -34,7 +38,7 @@ def get_config(arg: str = "tiny"):
         c.train.warmup_steps = 100
         c.train.log_every = 100
         c.train.checkpoint_every = 400
-        c.sample.guidance = 3.0
+        c.sample.guidance = 6.0
     else:
         c.data.builder_config = "16x64"
         c.data.video_shape = (16, 64, 64, 3)

@@ -202,6 +202,26 @@ def test_drop_labels_rate():
     assert set(np.unique(dropped).tolist()) == {0, 84}
 
 
+def test_factored_labels_sum_one_embedding_per_digit():
+    """label = (a * 3 + b) * 4 + c with factors (7, 3, 4): the embedding is A[a] + B[b] + C[c]; the null class
+    (84) takes each table's last row."""
+    embed = layers.LabelEmbedder(84, 16, factors=(7, 3, 4))
+    labels = jnp.array([0, 8, 83, 47, 84])
+    params = randomize(nn.unbox(embed.init(jax.random.key(0), labels)), scale=1.0)
+    out = embed.apply(params, labels)
+    tables = [params["params"][f"factor{i}"]["embedding"] for i in range(3)]
+    digits = [(0, 0, 0), (0, 2, 0), (6, 2, 3), (3, 2, 3), (7, 3, 4)]
+    want = jnp.stack([sum(t[d] for t, d in zip(tables, ds, strict=True)) for ds in digits])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    assert [t.shape[0] for t in tables] == [8, 4, 5]
+    # The DiT takes it through its config: same output shape, a different function of the label than one table.
+    cfg = tiny(num_classes=84, label_factors=(7, 3, 4))
+    x, t, _ = inputs()
+    variables = randomize(nn.unbox(dit.DiT(cfg).init(jax.random.key(0), x, t, labels[:2])))
+    a, b = (apply(cfg, variables, x, t, jnp.array(lab)) for lab in ([0, 8], [1, 9]))
+    assert a.shape == x.shape and float(jnp.abs(a - b).max()) > 1e-4
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
@@ -213,6 +233,7 @@ def test_drop_labels_rate():
         (dict(patch_size=(1, 0, 4)), "patch_size must be three positive ints"),
         (dict(attention="windowed", windows=()), "windows must be a non-empty list"),
         (dict(attention="windowed", depth=1, windows=((1, 1, 1), (2, 2, 2))), "smaller than"),
+        (dict(num_classes=84, label_factors=(7, 3, 5)), r"label_factors \(7, 3, 5\) must be positive with product"),
     ],
 )
 def test_config_validation(overrides, match):

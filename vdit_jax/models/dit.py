@@ -10,6 +10,7 @@ a freshly initialised model predicts exactly zero. The network knows nothing of 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,10 @@ class DiTConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
     num_classes: int = 0  # 0: no label conditioning; else labels in [0, num_classes], num_classes = null
+    # () = one embedding per class; else the label is a mixed-radix number of these factors (most significant
+    # first, product = num_classes) and its embedding the sum of one per digit, so attributes shared by classes
+    # (moving_shapes: colour x shape x direction = (7, 3, 4)) are learned from every class that has them.
+    label_factors: tuple[int, ...] = ()
     text_dim: int = 0  # 0: no text; else width of precomputed text embeddings [B, L, text_dim] (cross-attention)
     attention: str = "full"  # full / factorized / windowed
     # windowed only: spacetime windows in tokens (t, h, w), coarse to fine; depth is split evenly across them.
@@ -79,6 +84,13 @@ class DiTConfig:
             fail(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.num_classes < 0:
             fail(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.label_factors and (
+            any(int(f) < 1 for f in self.label_factors) or math.prod(self.label_factors) != self.num_classes
+        ):
+            fail(
+                f"label_factors {tuple(self.label_factors)} must be positive with product num_classes "
+                f"({self.num_classes}), or () for one embedding per class"
+            )
         if self.text_dim < 0:
             fail(f"text_dim must be >= 0 (0 = no text conditioning), got {self.text_dim}")
         if self.attention not in layers.ATTENTION_LAYOUTS:
@@ -222,7 +234,9 @@ class DiT(nn.Module):
 
         c = layers.TimestepEmbedder(cfg.hidden_size, name="t_embed", **kw)(t)
         if cfg.num_classes:
-            c = c + layers.LabelEmbedder(cfg.num_classes, cfg.hidden_size, name="y_embed", **kw)(labels)
+            c = c + layers.LabelEmbedder(
+                cfg.num_classes, cfg.hidden_size, factors=tuple(cfg.label_factors), name="y_embed", **kw
+            )(labels)
         c = nn.with_logical_constraint(c, (sh.BATCH, sh.ACT_EMBED))
         context = None
         if cfg.text_dim:

@@ -231,24 +231,41 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label [B] -> [B, D]; index `num_classes` is the null class used for classifier-free guidance."""
+    """Class label [B] -> [B, D]; index `num_classes` is the null class used for classifier-free guidance.
+
+    With `factors` (product `num_classes`), a label is read as mixed-radix digits, most significant first, and
+    embedded as the sum of one embedding per digit (each table has its own null row); otherwise one table row per
+    class.
+    """
 
     num_classes: int
     hidden_size: int
+    factors: tuple[int, ...] = ()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, labels: jax.Array) -> jax.Array:
-        table = nn.Embed(
-            self.num_classes + 1,
+    def _table(self, rows: int, name: str) -> nn.Embed:
+        return nn.Embed(
+            rows,
             self.hidden_size,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), (sh.VOCAB, sh.EMBED)),
-            name="table",
+            name=name,
         )
-        return table(labels)
+
+    @nn.compact
+    def __call__(self, labels: jax.Array) -> jax.Array:
+        if not self.factors:
+            return self._table(self.num_classes + 1, "table")(labels)
+        null = labels >= self.num_classes
+        rest, out = labels, 0.0
+        for i in reversed(range(len(self.factors))):
+            f = self.factors[i]
+            digit = jnp.where(null, f, rest % f)
+            rest = rest // f
+            out = out + self._table(f + 1, f"factor{i}")(digit)
+        return out
 
 
 class Attention(nn.Module):
