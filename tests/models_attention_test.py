@@ -32,7 +32,10 @@ def test_resolve_per_backend_and_dtype():
     assert attention.resolve("auto", jnp.float32, "gpu") == "xla"  # cuDNN flash attention is bf16/fp16 only
     assert attention.resolve("auto", jnp.float32, "tpu") == "splash"
     assert attention.resolve("auto", jnp.bfloat16, "cpu") == "xla"
-    assert attention.resolve("splash", jnp.float32, "cpu") == "splash"
+    assert attention.resolve("splash", jnp.float32, "cpu") == "splash"  # interpret mode / TPU AOT compiles
+    assert attention.resolve("cudnn", jnp.bfloat16, "gpu") == "cudnn"
+    with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU, not 'cpu'"):
+        attention.resolve("cudnn", jnp.bfloat16, "cpu")
     with pytest.raises(ValueError, match="'flash' is not one of"):
         attention.resolve("flash", jnp.float32)
 

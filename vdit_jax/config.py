@@ -97,7 +97,7 @@ def model_config(config: ml_collections.ConfigDict) -> dit.DiTConfig:
     m = config.model.to_dict()
     m["patch_size"] = tuple(m["patch_size"])
     m["windows"] = tuple(tuple(w) for w in m["windows"])
-    m["label_factors"] = tuple(m.get("label_factors", ()))
+    m["label_factors"] = tuple(m["label_factors"])
     return dit.DiTConfig(**m)
 
 

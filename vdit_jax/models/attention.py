@@ -44,9 +44,11 @@ def resolve(implementation: str, dtype, platform: str | None = None) -> str:
     """The concrete implementation for `implementation` on `platform` (default: JAX's default backend)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    platform = platform or jax.default_backend()
+    if implementation == "cudnn" and platform != "gpu":
+        raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU, not {platform!r}; use 'auto' or 'xla'")
     if implementation != "auto":
         return implementation
-    platform = platform or jax.default_backend()
     if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     if platform == "tpu":
