@@ -43,7 +43,7 @@ def test_ground_truth_scores_about_one(test_split):
     assert ev.analyse(videos).captions() == prompts
 
 
-@pytest.mark.parametrize("num_frames,size", [(16, 32), (16, 64)])
+@pytest.mark.parametrize("num_frames,size", [(16, 32), (16, 64), (8, 16)])
 def test_ground_truth_at_other_sizes(num_frames, size):
     videos, prompts = _rendered(num_frames, size, 96)
     metrics = ev.evaluate(videos, prompts)

@@ -180,6 +180,7 @@ def test_examples_are_deterministic_per_seed_split_and_index():
 def test_builder_configs():
     names = {c.name: (c.num_frames, c.size) for c in ms.MovingShapes.BUILDER_CONFIGS}
     assert names["16x32"] == (16, 32) and names["16x64"] == (16, 64) and names["8x32"] == (8, 32)
+    assert names["8x16"] == (8, 16)
     assert ms.MovingShapes.DEFAULT_CONFIG_NAME == "16x32"
     with pytest.raises(ValueError, match="16x32"):
         ms.prepare("/nonexistent", "32x32")

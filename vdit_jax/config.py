@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Data: a TFDS array_record dataset with a uint8 video feature [T, H, W, C].
     c.data = ml_collections.ConfigDict()
     c.data.name = "moving_shapes"  # a TFDS builder name; moving_shapes is built on first use
-    c.data.builder_config = "16x32"  # moving_shapes: 16x32 / 16x64 / 8x32
+    c.data.builder_config = "16x32"  # moving_shapes: 16x32 / 16x64 / 8x32 / 8x16
     c.data.data_dir = ""  # '' = <workdir>/../data (shared by runs) unless --data_dir is given
     c.data.split = "train"
     c.data.feature_key = "video"
