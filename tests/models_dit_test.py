@@ -222,6 +222,41 @@ def test_factored_labels_sum_one_embedding_per_digit():
     assert a.shape == x.shape and float(jnp.abs(a - b).max()) > 1e-4
 
 
+@pytest.mark.parametrize("depth,skipped", [(4, {"skip2": 1, "skip3": 0}), (5, {"skip3": 1, "skip4": 0})])
+def test_long_skips_route_mirror_block_inputs(depth, skipped):
+    """Block D-1-i of the second half gets block i's input; skip{j} maps [h, mirror input] back to the width."""
+    cfg = tiny(depth=depth, long_skips=True)
+    x, t, labels = inputs()
+    params = randomize(dit.init_params(cfg, jax.random.key(0), VIDEO))["params"]
+    assert {k for k in params if k.startswith("skip")} == set(skipped)
+    d = cfg.hidden_size
+    eye, zero = jnp.eye(d), jnp.zeros((d, d))
+
+    def with_skips(kernels):
+        return {**params, **{k: {"kernel": v, "bias": jnp.zeros(d)} for k, v in kernels.items()}}
+
+    # Skips that pass h and drop the mirror input: exactly the DiT without long skips, same blocks.
+    keep = with_skips({k: jnp.concatenate([eye, zero]) for k in skipped})
+    plain = {k: v for k, v in params.items() if not k.startswith("skip")}
+    np.testing.assert_allclose(
+        apply(cfg, {"params": keep}, x, t, labels),
+        apply(tiny(depth=depth), {"params": plain}, x, t, labels),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # The last block's skip takes only the mirror input, the patch embedding (block 0's input): the blocks before
+    # the last no longer matter, the last one does.
+    last = f"stage0_block{depth - 1}"
+    mirror = with_skips(
+        {k: jnp.concatenate([zero, eye]) if k == f"skip{depth - 1}" else params[k]["kernel"] for k in skipped}
+    )
+    base = apply(cfg, {"params": mirror}, x, t, labels)
+    for name, moves in [(f"stage0_block{i}", False) for i in range(depth - 1)] + [(last, True)]:
+        moved = {**mirror, name: randomize(mirror[name], seed=7)}
+        diff = float(jnp.abs(apply(cfg, {"params": moved}, x, t, labels) - base).max())
+        assert (diff > 1e-4) if moves else (diff == 0.0), (name, diff)
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
@@ -234,6 +269,7 @@ def test_factored_labels_sum_one_embedding_per_digit():
         (dict(attention="windowed", windows=()), "windows must be a non-empty list"),
         (dict(attention="windowed", depth=1, windows=((1, 1, 1), (2, 2, 2))), "smaller than"),
         (dict(num_classes=84, label_factors=(7, 3, 5)), r"label_factors \(7, 3, 5\) must be positive with product"),
+        (dict(long_skips=True, scan_layers=True), "long_skips needs scan_layers=False"),
     ],
 )
 def test_config_validation(overrides, match):

@@ -62,6 +62,10 @@ class DiTConfig:
     # none / full / dots / dots_no_batch / offload (matmul outputs to pinned host memory; GPU/TPU, also runs on CPU)
     remat: str = "none"
     scan_layers: bool = False  # nn.scan over the blocks of each stage: compile time independent of depth
+    # U-ViT long skips (Bao et al. 2023): each block of the second half also gets the input of its mirror block in
+    # the first half (block D-1-i gets block i's input: the patch embedding reaches the last block), concatenated
+    # and projected back to the width; helps small pixel-space models reproduce fine detail. Not with scan_layers.
+    long_skips: bool = False
     # auto / xla / cudnn / splash (vdit_jax.models.attention); auto: cuDNN on GPU in bf16, splash on TPU, else XLA
     attention_impl: str = "auto"
     # tokens split over the `sequence` mesh axis: K/V all-gathered (`allgather`) or passed around a ring (`ring`)
@@ -110,6 +114,8 @@ class DiTConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 fail(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")
+        if self.long_skips and self.scan_layers:
+            fail("long_skips needs scan_layers=False (a scanned stack cannot route per-block skips)")
         if self.attention == "windowed":
             if not self.windows or any(len(w) != 3 or min(w) <= 0 for w in self.windows):
                 fail(f"windows must be a non-empty list of positive (t, h, w) triples, got {self.windows}")
@@ -245,6 +251,7 @@ class DiT(nn.Module):
         block = DiTBlock
         if cfg.remat != "none":
             block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        index, skips = 0, []  # block index over all stages; block inputs of the first half (long_skips)
         for s, (groupings, window, count) in enumerate(cfg.stages()):
             if cfg.scan_layers:
                 stack = nn.scan(
@@ -258,7 +265,10 @@ class DiT(nn.Module):
                 h, _ = stack(cfg, groupings, window, grid, name=f"stage{s}")(h, c, rope, context)
             else:
                 for i in range(count):
+                    if cfg.long_skips:
+                        h = self._long_skip(h, index, skips)
                     h, _ = block(cfg, groupings, window, grid, name=f"stage{s}_block{i}")(h, c, rope, context)
+                    index += 1
 
         shift, scale = jnp.split(
             layers.dense(2 * cfg.hidden_size, (sh.EMBED, sh.MLP), zero_init=True, name="final_adaLN", **kw)(nn.silu(c)),
@@ -275,6 +285,26 @@ class DiT(nn.Module):
         )(h)
         out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, None))
         return layers.unpatchify(out, cfg.patch_size, grid, out_channels).astype(jnp.float32)
+
+    def _long_skip(self, h: jax.Array, index: int, skips: list[jax.Array]) -> jax.Array:
+        """Block `index`'s input: pushed onto `skips` in the first half; in the second half, fused with the input of
+        the mirror block (a Dense from [h, skip] to the width)."""
+        cfg = self.config
+        if index < cfg.depth // 2:
+            skips.append(h)
+            return h
+        if index < cfg.depth - cfg.depth // 2:  # the middle block of an odd depth
+            return h
+        dtype = jnp.dtype(cfg.dtype)
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = layers.dense(
+            cfg.hidden_size,
+            (sh.MLP, sh.EMBED),
+            dtype=dtype,
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            name=f"skip{index}",
+        )(h)
+        return nn.with_logical_constraint(h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
 
 
 def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, num_classes: int) -> jax.Array:
