@@ -43,12 +43,18 @@ def _set(config, key, value):
         ("train.learning_rate", 0.0, 1, "learning_rate=0.0 must be > 0"),
         ("train.ema_decay", 1.0, 1, r"ema_decay=1.0 must be in \[0, 1\)"),
         ("diffusion.label_dropout", 1.5, 1, "label_dropout=1.5"),
+        ("diffusion.timestep_sampling", "beta", 1, r"timestep_sampling='beta' is not allowed; use one of \['uniform'"),
+        ("diffusion.timestep_logit_std", 0.0, 1, "timestep_logit_std=0.0 must be > 0"),
+        ("model.long_skips", True, 1, None),  # with scan_layers below
         ("logical_axis_rules", (("embed", "pipeline"),), 1, "unknown mesh axes"),
     ],
 )
 def test_validation_errors(key, value, devices, match):
     config = helpers.tiny_config()
     _set(config, key, value)
+    if key == "model.long_skips":
+        config.model.scan_layers = True
+        match = "long_skips needs scan_layers=False"
     with pytest.raises(config_lib.ConfigError, match=match):
         config_lib.validate(config, num_devices=devices)
 

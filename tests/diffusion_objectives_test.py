@@ -201,3 +201,28 @@ def test_sample_timesteps_uniform_ints():
     assert int(t.min()) == 0 and int(t.max()) == 9
     counts = np.bincount(np.asarray(t), minlength=10)
     np.testing.assert_allclose(counts / 20000, 0.1, atol=0.01)
+
+
+def test_sample_timesteps_logit_normal():
+    """t / T = sigmoid(N(mean, std)): median at sigmoid(mean) * T, more mass in the middle than at the ends."""
+    T, n = 1000, 40000
+    for mean in (0.0, 1.0, -1.0):
+        t = np.asarray(diffusion.sample_timesteps(jax.random.key(0), n, T, "logit_normal", logit_mean=mean))
+        assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= T - 1
+        np.testing.assert_allclose(np.median(t), T / (1 + np.exp(-mean)), atol=10)
+    t = np.asarray(diffusion.sample_timesteps(jax.random.key(1), n, T, "logit_normal"))
+    middle, ends = np.mean((t >= 400) & (t < 600)), np.mean(t < 100) + np.mean(t >= 900)
+    # N(0, 1) mass of |u| < logit(0.6) = 0.405 and of |u| > logit(0.9) = 2.197; uniform t: 0.2 and 0.2.
+    np.testing.assert_allclose([middle, ends], [0.315, 0.028], atol=0.006)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sampling="beta"), "unknown timestep sampling 'beta'; allowed: uniform, logit_normal"),
+        (dict(sampling="logit_normal", logit_std=0.0), "logit_std must be > 0"),
+    ],
+)
+def test_sample_timesteps_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        diffusion.sample_timesteps(jax.random.key(0), 4, 10, **kwargs)

@@ -11,7 +11,7 @@ import dataclasses
 
 import ml_collections
 
-from vdit_jax.diffusion import PREDICTIONS, SCHEDULES
+from vdit_jax.diffusion import PREDICTIONS, SCHEDULES, TIMESTEP_SAMPLINGS
 from vdit_jax.models import dit
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.prediction = "v"  # eps / v / x0
     c.diffusion.min_snr_gamma = 5.0  # 0 = plain MSE on the target
     c.diffusion.min_snr_floor = 0.0  # x0-space weight clip(snr, floor, gamma); 0 = plain min-SNR
+    c.diffusion.timestep_sampling = "uniform"  # uniform / logit_normal (t/T = sigmoid(N(mean, std)), SD3)
+    c.diffusion.timestep_logit_mean = 0.0  # logit_normal only: > 0 trains noisier steps more, < 0 cleaner ones
+    c.diffusion.timestep_logit_std = 1.0
     c.diffusion.label_dropout = 0.1  # probability of the null class in training (classifier-free guidance)
 
     # Optimisation.
@@ -123,6 +126,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     """Checks every value that could otherwise fail deep inside XLA or halfway through a run."""
     _one_of(config, "diffusion.schedule", SCHEDULES)
     _one_of(config, "diffusion.prediction", PREDICTIONS)
+    _one_of(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)
     _one_of(config, "sample.sampler", SAMPLERS)
     _one_of(config, "sample.ddpm_variance", DDPM_VARIANCES)
     d, tr, s = config.diffusion, config.train, config.sample
@@ -132,6 +136,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         0 <= d.min_snr_floor <= max(d.min_snr_gamma, 0),
         f"config.diffusion.min_snr_floor={d.min_snr_floor} must be in [0, min_snr_gamma={d.min_snr_gamma}]",
     )
+    _check(d.timestep_logit_std > 0, f"config.diffusion.timestep_logit_std={d.timestep_logit_std} must be > 0")
     _check(0 <= d.label_dropout < 1, f"config.diffusion.label_dropout={d.label_dropout} must be in [0, 1)")
     _check(1 <= s.steps <= d.num_timesteps, f"config.sample.steps={s.steps} must be in [1, {d.num_timesteps}]")
     _check(s.eta >= 0, f"config.sample.eta={s.eta} must be >= 0")

@@ -9,6 +9,7 @@ Losses and samplers take ``model_fn(x_t, t) -> prediction`` (t int32 [B] in [0, 
 """
 
 from vdit_jax.diffusion.objectives import (
+    TIMESTEP_SAMPLINGS,
     eps_to_v,
     eps_to_x0,
     get_target,
@@ -41,6 +42,7 @@ from vdit_jax.diffusion.schedules import (
 __all__ = [
     "PREDICTIONS",
     "SCHEDULES",
+    "TIMESTEP_SAMPLINGS",
     "VARIANCES",
     "Schedule",
     "cfg_model_fn",

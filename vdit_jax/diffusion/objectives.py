@@ -85,9 +85,32 @@ def predict_x0_and_eps(sched: Schedule, pred: jax.Array, x_t: jax.Array, t: jax.
     raise ValueError(f"unknown prediction {sched.prediction!r}; allowed: {', '.join(PREDICTIONS)}")
 
 
-def sample_timesteps(rng: jax.Array, batch: int, num_timesteps: int) -> jax.Array:
-    """Uniform integer timesteps in [0, num_timesteps), int32 [batch]."""
-    return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timesteps(
+    rng: jax.Array,
+    batch: int,
+    num_timesteps: int,
+    sampling: str = "uniform",
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+) -> jax.Array:
+    """Integer training timesteps in [0, num_timesteps), int32 [batch].
+
+    ``uniform``: every t equally often. ``logit_normal`` (Esser et al. 2024, SD3): t / T = sigmoid(u) with
+    u ~ N(logit_mean, logit_std), which trains the middle of the schedule more than its ends; a positive mean
+    moves the mass to noisier steps, a negative one to cleaner steps.
+    """
+    if sampling == "uniform":
+        return jax.random.randint(rng, (batch,), 0, num_timesteps, dtype=jnp.int32)
+    if sampling == "logit_normal":
+        if not logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std!r}")
+        u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, (batch,), jnp.float32))
+        return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+    raise ValueError(f"unknown timestep sampling {sampling!r}; allowed: {', '.join(TIMESTEP_SAMPLINGS)}")
 
 
 def min_snr_weight(sched: Schedule, t: jax.Array, gamma: float, floor: float = 0.0) -> jax.Array:

@@ -55,6 +55,7 @@ def train_step(
     min_snr_floor: float,
     label_dropout: float,
     num_classes: int,
+    timestep_sampling: dict[str, Any] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update from one global batch (split into `tc.grad_accum_steps` micro-batches).
 
@@ -66,7 +67,7 @@ def train_step(
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
     video, labels = batch["video"], batch["label"]
     text = batch["text"] if model.config.text_dim else None
-    t = diffusion.sample_timesteps(t_rng, video.shape[0], sched.num_timesteps)
+    t = diffusion.sample_timesteps(t_rng, video.shape[0], sched.num_timesteps, **(timestep_sampling or {}))
     noise = jax.random.normal(noise_rng, video.shape, jnp.float32)
     if num_classes:
         labels = dit.drop_labels(drop_rng, labels, label_dropout, num_classes)
@@ -140,6 +141,9 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
         min_snr_floor=d.min_snr_floor,
         label_dropout=d.label_dropout,
         num_classes=config.model.num_classes,
+        timestep_sampling=dict(
+            sampling=d.timestep_sampling, logit_mean=d.timestep_logit_mean, logit_std=d.timestep_logit_std
+        ),
     )
     state_sh = state_shardings(config, mesh, rules)
     return jax.jit(
