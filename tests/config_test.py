@@ -45,6 +45,7 @@ def _set(config, key, value):
         ("diffusion.label_dropout", 1.5, 1, "label_dropout=1.5"),
         ("diffusion.timestep_sampling", "beta", 1, r"timestep_sampling='beta' is not allowed; use one of \['uniform'"),
         ("diffusion.timestep_logit_std", 0.0, 1, "timestep_logit_std=0.0 must be > 0"),
+        ("diffusion.loss", "huber", 1, r"config.diffusion.loss='huber' is not allowed; use one of \['mse', 'l1'\]"),
         ("model.long_skips", True, 1, None),  # with scan_layers below
         ("logical_axis_rules", (("embed", "pipeline"),), 1, "unknown mesh axes"),
     ],

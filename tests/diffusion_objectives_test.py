@@ -179,6 +179,26 @@ def test_mask_scores_only_selected_frames():
     np.testing.assert_allclose(loss, jnp.mean(noise[:, 1] ** 2, axis=(1, 2, 3)), rtol=1e-5)
 
 
+def test_l1_loss_is_the_mean_absolute_error_and_keeps_mse_in_aux():
+    sched = diffusion.make_schedule("cosine", 1000, "x0")
+    x0, noise = normals(VIDEO, seed=10)
+    t = jnp.array([5, 300, 900])
+    model_fn = lambda x, t: 0.5 * x
+    kw = dict(t=t, noise=noise, min_snr_gamma=5.0, min_snr_floor=1.0)
+    l1, aux = diffusion.loss_fn(model_fn, sched, x0, jax.random.key(0), loss_type="l1", **kw)
+    l2, aux2 = diffusion.loss_fn(model_fn, sched, x0, jax.random.key(0), **kw)
+    err = 0.5 * diffusion.q_sample(sched, x0, t, noise) - x0
+    np.testing.assert_allclose(l1, aux["weight"] * jnp.mean(jnp.abs(err), axis=(1, 2, 3, 4)), rtol=1e-5)
+    np.testing.assert_allclose(aux["mse"], aux2["mse"], rtol=1e-6)
+    np.testing.assert_allclose(l2, aux2["weight"] * aux2["mse"], rtol=1e-6)
+    assert not np.allclose(l1, l2)
+    mask = jnp.zeros((VIDEO[0], VIDEO[1], 1, 1, 1)).at[:, 0].set(1.0)  # frame 0 only
+    l1_mask, _ = diffusion.loss_fn(model_fn, sched, x0, jax.random.key(0), loss_type="l1", mask=mask, **kw)
+    np.testing.assert_allclose(l1_mask, aux["weight"] * jnp.mean(jnp.abs(err[:, 0]), axis=(1, 2, 3)), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown loss_type 'huber'; allowed: mse, l1"):
+        diffusion.loss_fn(model_fn, sched, x0, jax.random.key(0), loss_type="huber")
+
+
 def test_loss_fn_jits():
     sched = diffusion.make_schedule("cosine", 1000, "v")
     (x0,) = normals(VIDEO, seed=9, n=1)

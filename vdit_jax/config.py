@@ -11,7 +11,7 @@ import dataclasses
 
 import ml_collections
 
-from vdit_jax.diffusion import PREDICTIONS, SCHEDULES, TIMESTEP_SAMPLINGS
+from vdit_jax.diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, TIMESTEP_SAMPLINGS
 from vdit_jax.models import dit
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.schedule = "cosine"  # linear / scaled_linear / cosine
     c.diffusion.num_timesteps = 1000
     c.diffusion.prediction = "v"  # eps / v / x0
+    c.diffusion.loss = "mse"  # mse / l1 (mean absolute error on the target: sharper, less diverse)
     c.diffusion.min_snr_gamma = 5.0  # 0 = plain MSE on the target
     c.diffusion.min_snr_floor = 0.0  # x0-space weight clip(snr, floor, gamma); 0 = plain min-SNR
     c.diffusion.timestep_sampling = "uniform"  # uniform / logit_normal (t/T = sigmoid(N(mean, std)), SD3)
@@ -127,6 +128,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _one_of(config, "diffusion.schedule", SCHEDULES)
     _one_of(config, "diffusion.prediction", PREDICTIONS)
     _one_of(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)
+    _one_of(config, "diffusion.loss", LOSS_TYPES)
     _one_of(config, "sample.sampler", SAMPLERS)
     _one_of(config, "sample.ddpm_variance", DDPM_VARIANCES)
     d, tr, s = config.diffusion, config.train, config.sample

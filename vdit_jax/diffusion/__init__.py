@@ -9,6 +9,7 @@ Losses and samplers take ``model_fn(x_t, t) -> prediction`` (t int32 [B] in [0, 
 """
 
 from vdit_jax.diffusion.objectives import (
+    LOSS_TYPES,
     TIMESTEP_SAMPLINGS,
     eps_to_v,
     eps_to_x0,
@@ -40,6 +41,7 @@ from vdit_jax.diffusion.schedules import (
 )
 
 __all__ = [
+    "LOSS_TYPES",
     "PREDICTIONS",
     "SCHEDULES",
     "TIMESTEP_SAMPLINGS",

@@ -28,7 +28,9 @@ from vdit_jax.train.state import TrainState, make_optimizer, state_shardings
 Batch = dict[str, jax.Array]
 
 
-def _loss(params, video, labels, t, noise, text, *, model, sched, min_snr_gamma, min_snr_floor, num_classes):
+def _loss(
+    params, video, labels, t, noise, text, *, model, sched, min_snr_gamma, min_snr_floor, num_classes, loss_type="mse"
+):
     model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, labels if num_classes else None, text)
     per_example, aux = diffusion.loss_fn(
         model_fn,
@@ -39,6 +41,7 @@ def _loss(params, video, labels, t, noise, text, *, model, sched, min_snr_gamma,
         min_snr_floor=min_snr_floor,
         t=t,
         noise=noise,
+        loss_type=loss_type,
     )
     return jnp.mean(per_example), jnp.mean(aux["mse"])
 
@@ -56,6 +59,7 @@ def train_step(
     label_dropout: float,
     num_classes: int,
     timestep_sampling: dict[str, Any] | None = None,
+    loss_type: str = "mse",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update from one global batch (split into `tc.grad_accum_steps` micro-batches).
 
@@ -80,6 +84,7 @@ def train_step(
         min_snr_gamma=min_snr_gamma,
         min_snr_floor=min_snr_floor,
         num_classes=num_classes,
+        loss_type=loss_type,
     )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = tc.grad_accum_steps
@@ -144,6 +149,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
         timestep_sampling=dict(
             sampling=d.timestep_sampling, logit_mean=d.timestep_logit_mean, logit_std=d.timestep_logit_std
         ),
+        loss_type=d.loss,
     )
     state_sh = state_shardings(config, mesh, rules)
     return jax.jit(
