@@ -27,9 +27,8 @@ def get_config(arg: str = "tiny"):
         # frames (64 tokens of 96 values, under the width of 128): few tokens, so the attention learns one coherent
         # object in minutes (128 tokens of 4x4x4 patches at 32x32 gave scattered fragments), and a patch the model
         # can reproduce; sin-cos plus 3D RoPE positions (shape accuracy 0.47 -> 0.59) and U-ViT long skips (0.59 ->
-        # 0.63 over 256 samples). x0-prediction (v-prediction
-        # loses the direction: 0.45), plain x0 MSE (min-SNR starves the high-noise steps where the label is
-        # learned), small batches and many cheap steps; guidance 3.
+        # 0.63 over 256 samples). x0-prediction (v-prediction loses the direction: 0.45), plain x0 MSE (min-SNR
+        # starves the high-noise steps where the label is learned), small batches and many cheap steps; guidance 3.
         c.data.builder_config = "8x16"
         c.data.video_shape = (8, 16, 16, 3)
         c.model.patch_size = (8, 2, 2)
