@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.schedule = "cosine"  # linear / scaled_linear / cosine
     c.diffusion.num_timesteps = 1000
     c.diffusion.prediction = "v"  # eps / v / x0
-    c.diffusion.loss = "mse"  # mse / l1 (mean absolute error on the target: sharper, less diverse)
+    c.diffusion.loss = "mse"  # mse / l1 (mean absolute error on the target; on the CPU demo l1 failed: README)
     c.diffusion.min_snr_gamma = 5.0  # 0 = plain MSE on the target
     c.diffusion.min_snr_floor = 0.0  # x0-space weight clip(snr, floor, gamma); 0 = plain min-SNR
     c.diffusion.timestep_sampling = "uniform"  # uniform / logit_normal (t/T = sigmoid(N(mean, std)), SD3)
