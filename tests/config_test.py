@@ -46,18 +46,21 @@ def _set(config, key, value):
         ("diffusion.timestep_sampling", "beta", 1, r"timestep_sampling='beta' is not allowed; use one of \['uniform'"),
         ("diffusion.timestep_logit_std", 0.0, 1, "timestep_logit_std=0.0 must be > 0"),
         ("diffusion.loss", "huber", 1, r"config.diffusion.loss='huber' is not allowed; use one of \['mse', 'l1'\]"),
-        ("model.long_skips", True, 1, None),  # with scan_layers below
         ("logical_axis_rules", (("embed", "pipeline"),), 1, "unknown mesh axes"),
     ],
 )
 def test_validation_errors(key, value, devices, match):
     config = helpers.tiny_config()
     _set(config, key, value)
-    if key == "model.long_skips":
-        config.model.scan_layers = True
-        match = "long_skips needs scan_layers=False"
     with pytest.raises(config_lib.ConfigError, match=match):
         config_lib.validate(config, num_devices=devices)
+
+
+def test_long_skips_with_scan_layers_is_refused():
+    config = helpers.tiny_config()
+    config.model.update(long_skips=True, scan_layers=True)
+    with pytest.raises(config_lib.ConfigError, match="long_skips needs scan_layers=False"):
+        config_lib.validate(config, num_devices=1)
 
 
 def test_sequence_and_tensor_axes_must_divide_tokens_and_heads():

@@ -85,3 +85,23 @@ def test_accumulated_step_equals_full_batch_step():
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
     chex.assert_trees_all_close(s4.params, s1.params, atol=1e-5)
+
+
+def test_config_loss_and_timestep_sampling_reach_the_step():
+    """diffusion.loss = l1 trains on the absolute error (MSE still reported); logit-normal timesteps change the
+    losses of the same batches (other noise levels), uniform ones reproduce the default."""
+    batches = helpers.random_batches(helpers.tiny_config(), 2)
+
+    def losses(**diffusion):
+        config = helpers.tiny_config()
+        config.diffusion.update(min_snr_gamma=0.0, **diffusion)
+        _, out = run_steps(config, jax.devices()[:1], batches)
+        return np.array([[m["loss"], m["mse"]] for m in out])
+
+    mse = losses()
+    np.testing.assert_allclose(mse[:, 0], mse[:, 1], rtol=1e-6)  # plain MSE: loss == mse
+    l1 = losses(loss="l1")
+    np.testing.assert_allclose(l1[0, 1], mse[0, 1], rtol=1e-5)  # same first step: same prediction, same MSE
+    assert not np.allclose(l1[:, 0], l1[:, 1])
+    np.testing.assert_allclose(losses(timestep_sampling="uniform"), mse, rtol=1e-6)
+    assert not np.allclose(losses(timestep_sampling="logit_normal", timestep_logit_mean=-2.0)[0, 1], mse[0, 1])
