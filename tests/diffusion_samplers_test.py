@@ -242,3 +242,31 @@ def test_cfg_mixes_cond_and_uncond_in_one_batched_call(guidance):
     c = x * cond["label"][:, None] + 2.0 + 0.01 * t[:, None]
     u = 0.01 * t[:, None] + 0.0 * x
     np.testing.assert_allclose(out, u + float(guidance) * (c - u), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_self_condition_feeds_each_step_the_previous_x0(sampler):
+    """An x0-predicting model that returns its input estimate + 1: step k (from 1) predicts k, so the sample (the
+    last step's x0) counts the steps; without self_condition the model is called with (x_t, t) only."""
+    sched = diffusion.make_schedule("cosine", 10, prediction="x0")
+    counter = lambda x, t, x0_prev: x0_prev + 1.0
+    if sampler == "ddim":
+        run = functools.partial(diffusion.ddim_sample, num_steps=4)
+    else:
+        run = diffusion.ddpm_sample
+    out = run(counter, sched, (2, 3), jax.random.key(0), self_condition=True)
+    np.testing.assert_allclose(out, 4.0 if sampler == "ddim" else 10.0, rtol=1e-5)
+    clipped = run(counter, sched, (2, 3), jax.random.key(0), self_condition=True, clip_x0=2.5)
+    np.testing.assert_allclose(clipped, 2.5, rtol=1e-6)  # the carried estimate is the clipped x0
+    with pytest.raises(TypeError):
+        run(counter, sched, (2, 3), jax.random.key(0))
+
+
+def test_cfg_passes_the_self_condition_estimate_to_both_branches():
+    apply_fn = lambda x, t, cond, x0_prev: x0_prev * cond[:, None] + 0.0 * x
+    cond, null = jnp.array([2.0, 3.0]), jnp.zeros((2,))
+    x, t, x0_prev = jnp.ones((2, 3)), jnp.arange(2), jnp.full((2, 3), 0.5)
+    guided = diffusion.cfg_model_fn(apply_fn, cond, null, 3.0)(x, t, x0_prev)
+    np.testing.assert_allclose(guided, 3.0 * 0.5 * cond[:, None] * jnp.ones((2, 3)), rtol=1e-6)  # uncond = 0
+    plain = diffusion.cfg_model_fn(apply_fn, cond, null, 1.0)(x, t, x0_prev)
+    np.testing.assert_allclose(plain, 0.5 * cond[:, None] * jnp.ones((2, 3)), rtol=1e-6)

@@ -73,6 +73,22 @@ def test_output_depends_on_timestep_label_and_input():
     chex.assert_tree_all_finite(null)
 
 
+def test_self_condition_input():
+    """self_condition: the x0 estimate enters beside x (twice the patch width); None means zeros."""
+    cfg = tiny(self_condition=True)
+    x, t, labels = inputs()
+    params = dit.init_params(cfg, jax.random.key(0), VIDEO)
+    kernel = nn.meta.unbox(params)["params"]["patch_embed"]["kernel"]
+    assert kernel.shape == (2 * 4 * 4 * 3, cfg.hidden_size)
+    params = randomize(params)
+    model = dit.DiT(cfg)
+    none = model.apply(params, x, t, labels)
+    chex.assert_trees_all_equal(none, model.apply(params, x, t, labels, None, jnp.zeros_like(x)))
+    assert float(jnp.abs(model.apply(params, x, t, labels, None, 0.5 * x) - none).max()) > 1e-4
+    with pytest.raises(ValueError, match="x_self_cond must have x's shape"):
+        model.apply(params, x, t, labels, None, x[:, :2])
+
+
 def test_patchify_roundtrip():
     x = jax.random.normal(jax.random.key(0), (2, 4, 8, 12, 3))
     tokens = layers.patchify(x, (2, 4, 3))

@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests import helpers
 from vdit_jax.parallel import mesh as mesh_lib
@@ -72,12 +73,14 @@ def test_gradient_accumulation_and_ema():
     assert moved > 0
 
 
-def test_accumulated_step_equals_full_batch_step():
-    """t, noise and label dropout are drawn for the global batch, so 4 micro-batches give the same update."""
+@pytest.mark.parametrize("self_condition", [False, True])
+def test_accumulated_step_equals_full_batch_step(self_condition):
+    """t, noise, label dropout and the self-conditioning draw are made for the global batch, so 4 micro-batches
+    give the same update."""
     batches = helpers.random_batches(helpers.tiny_config(), 2)
     results = []
     for k in (1, 4):
-        config = helpers.tiny_config()
+        config = helpers.tiny_config(self_condition=self_condition)
         config.train.grad_accum_steps = k
         results.append(run_steps(config, jax.devices()[:1], batches))
     (s1, m1), (s4, m4) = results

@@ -32,8 +32,8 @@ def _apply_fn(model_cfg: dit.DiTConfig):
     """One function object per model config, so jit caches hit across calls."""
     model = dit.DiT(model_cfg)
 
-    def apply(params, x, t, labels):
-        return model.apply({"params": params}, x, t, labels if model_cfg.num_classes else None)
+    def apply(params, x, t, labels, x0_prev=None):  # x0_prev: the samplers' self-conditioning estimate
+        return model.apply({"params": params}, x, t, labels if model_cfg.num_classes else None, None, x0_prev)
 
     return apply
 
@@ -90,7 +90,7 @@ def sample(
         else:
             model_fn = diffusion.cfg_model_fn(apply, jnp.asarray(chunk), jnp.asarray(chunk), 1.0)
         key = jax.random.fold_in(rng, start)
-        kw = dict(clip_x0=clip_x0 or None)
+        kw = dict(clip_x0=clip_x0 or None, self_condition=model_cfg.self_condition)
         if sampler == "ddim":
             x = diffusion.ddim_sample(model_fn, sched, (n, *shape), key, num_steps=steps, eta=eta, **kw)
         else:

@@ -5,11 +5,13 @@
     x0 = diffusion.ddim_sample(Partial(apply, params), sched, (B, T, H, W, C), rng, num_steps=50)
 
 Losses and samplers take ``model_fn(x_t, t) -> prediction`` (t int32 [B] in [0, T)); the prediction target
-(eps, v or x0) is a static field of the `Schedule`.
+(eps, v or x0) is a static field of the `Schedule`. A self-conditioned network, ``model_fn(x_t, t, x0_estimate)``,
+trains through ``loss_fn(self_conditioned(model_fn, sched, rng), ...)`` and samples with ``self_condition=True``.
 """
 
 from vdit_jax.diffusion.objectives import (
     LOSS_TYPES,
+    SELF_CONDITION_RATE,
     TIMESTEP_SAMPLINGS,
     eps_to_v,
     eps_to_x0,
@@ -19,6 +21,7 @@ from vdit_jax.diffusion.objectives import (
     predict_x0_and_eps,
     q_sample,
     sample_timesteps,
+    self_conditioned,
     v_to_eps,
     v_to_x0,
     x0_to_eps,
@@ -44,6 +47,7 @@ __all__ = [
     "LOSS_TYPES",
     "PREDICTIONS",
     "SCHEDULES",
+    "SELF_CONDITION_RATE",
     "TIMESTEP_SAMPLINGS",
     "VARIANCES",
     "Schedule",
@@ -61,6 +65,7 @@ __all__ = [
     "predict_x0_and_eps",
     "q_sample",
     "sample_timesteps",
+    "self_conditioned",
     "snr",
     "v_to_eps",
     "v_to_x0",

@@ -18,6 +18,9 @@ import jax.numpy as jnp
 from vdit_jax.diffusion.schedules import PREDICTIONS, Schedule, extract, snr
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B, ...], t int32 [B]) -> prediction [B, ...]
+# (x_t, t, x0_estimate [B, ...]) -> prediction: a self-conditioned network (zeros = no estimate)
+SelfCondModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+SELF_CONDITION_RATE = 0.5  # Chen et al. 2022: half of the training steps see the network's own estimate
 
 
 def _coef(table: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
@@ -132,6 +135,33 @@ def min_snr_weight(sched: Schedule, t: jax.Array, gamma: float, floor: float = 0
     if sched.prediction == "x0":
         return clipped
     raise ValueError(f"unknown prediction {sched.prediction!r}; allowed: {', '.join(PREDICTIONS)}")
+
+
+def self_conditioned(
+    model_fn: SelfCondModelFn, sched: Schedule, rng: jax.Array, rate: float = SELF_CONDITION_RATE
+) -> ModelFn:
+    """Self-conditioning in training (Chen et al. 2022): a ``model_fn(x_t, t)`` for `loss_fn` from a network that
+    also takes an x0 estimate.
+
+    With probability ``rate`` (one draw for the whole batch, so the extra pass runs only then, under ``lax.cond``)
+    the network first predicts from (x_t, zeros); the x0 its prediction implies, gradient stopped, is then fed back
+    with x_t. Otherwise the estimate is zeros. Sampling feeds each step the previous step's x0 (the samplers'
+    ``self_condition=True``), which the network thus learns to refine.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"self-conditioning rate must be in [0, 1], got {rate!r}")
+
+    def fn(x_t: jax.Array, t: jax.Array) -> jax.Array:
+        zeros = jnp.zeros_like(x_t)
+
+        def estimate(_):
+            x0, _ = predict_x0_and_eps(sched, model_fn(x_t, t, zeros).astype(jnp.float32), x_t, t)
+            return jax.lax.stop_gradient(x0.astype(x_t.dtype))
+
+        x0 = jax.lax.cond(jax.random.bernoulli(rng, rate), estimate, lambda _: zeros, None)
+        return model_fn(x_t, t, x0)
+
+    return fn
 
 
 def loss_fn(

@@ -8,7 +8,8 @@ call recompiles — close over params with ``Partial``, not a lambda). ``shape``
 ``variance`` and ``clip_x0`` are static; the `Schedule` is a traced pytree.
 
 ``model_fn(x_t, t)`` takes x_t float32 [B, ...] and t int32 [B] in [0, T) and returns the prediction of
-``sched.prediction`` (eps, v or x0) with x_t's shape.
+``sched.prediction`` (eps, v or x0) with x_t's shape. With ``self_condition=True`` it is ``model_fn(x_t, t, x0)``:
+the loop carries the x0 of the previous step (zeros at the first) into the next (Chen et al. 2022).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def _check_clip(clip_x0: float | None) -> float | None:
     return float(clip_x0)
 
 
-def _denoise(model_fn: Partial, sched: Schedule, x: jax.Array, t: jax.Array, clip_x0: float | None):
-    """Runs the model at x_t and returns the implied (x0, eps), x0 optionally clipped to ±clip_x0."""
-    pred = model_fn(x, t).astype(jnp.float32)
+def _denoise(model_fn: Partial, sched: Schedule, x: jax.Array, t: jax.Array, clip_x0: float | None, x0_prev=None):
+    """Runs the model at x_t (and the previous x0 estimate when self-conditioning) and returns the implied
+    (x0, eps), x0 optionally clipped to ±clip_x0."""
+    pred = (model_fn(x, t) if x0_prev is None else model_fn(x, t, x0_prev)).astype(jnp.float32)
     x0, eps = predict_x0_and_eps(sched, pred, x, t)
     if clip_x0 is not None:
         x0 = jnp.clip(x0, -clip_x0, clip_x0)
@@ -63,8 +65,8 @@ def _denoise(model_fn: Partial, sched: Schedule, x: jax.Array, t: jax.Array, cli
 # --------------------------------------------------------------------------------------------------- DDPM
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "variance", "clip_x0"))
-def _ddpm_loop(model_fn, sched, rng, *, shape, variance, clip_x0):
+@functools.partial(jax.jit, static_argnames=("shape", "variance", "clip_x0", "self_condition"))
+def _ddpm_loop(model_fn, sched, rng, *, shape, variance, clip_x0, self_condition):
     init_rng, loop_rng = jax.random.split(rng)
     T = sched.num_timesteps
     if variance == "fixed_small":
@@ -76,16 +78,17 @@ def _ddpm_loop(model_fn, sched, rng, *, shape, variance, clip_x0):
         if T > 1:
             log_var = log_var.at[0].set(jnp.log(sched.posterior_variance[1]))
 
-    def step(i, x):  # x: [B, ...] = x_t with t = T - 1 - i
+    def step(i, carry):  # x: [B, ...] = x_t with t = T - 1 - i; x0_prev: the previous step's x0 (self-conditioning)
+        x, x0_prev = carry
         t = jnp.full((shape[0],), T - 1 - i, jnp.int32)
-        x0, _ = _denoise(model_fn, sched, x, t, clip_x0)
+        x0, _ = _denoise(model_fn, sched, x, t, clip_x0, x0_prev if self_condition else None)
         mean = extract(sched.posterior_mean_coef1, t, x.ndim) * x0 + extract(sched.posterior_mean_coef2, t, x.ndim) * x
         z = jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
         std = jnp.where(t > 0, jnp.exp(0.5 * log_var[t]), 0.0)  # [B]; no noise on the last step
-        return mean + std.reshape((-1,) + (1,) * (x.ndim - 1)) * z
+        return mean + std.reshape((-1,) + (1,) * (x.ndim - 1)) * z, x0
 
     x_T = jax.random.normal(init_rng, shape, jnp.float32)
-    return jax.lax.fori_loop(0, T, step, x_T)
+    return jax.lax.fori_loop(0, T, step, (x_T, jnp.zeros(shape, jnp.float32)))[0]
 
 
 def ddpm_sample(
@@ -95,6 +98,7 @@ def ddpm_sample(
     rng: jax.Array,
     variance: str = "fixed_small",
     clip_x0: float | None = None,
+    self_condition: bool = False,
 ) -> jax.Array:
     """Ancestral sampling (Ho et al. 2020) through all T steps of ``sched``; returns x0 float32 ``shape``.
 
@@ -104,6 +108,7 @@ def ddpm_sample(
       variance: "fixed_small" (β̃_t, the posterior variance) or "fixed_large" (β_t); both are the
         bounds of the optimal reverse variance and give similar samples with a good model.
       clip_x0: if set, clip the predicted x0 to [-clip_x0, clip_x0] at every step (pixel data in [-1, 1]).
+      self_condition: call ``model_fn(x_t, t, x0_prev)`` with the previous step's x0 (zeros at the first step).
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
@@ -114,6 +119,7 @@ def ddpm_sample(
         shape=_check_shape(shape),
         variance=variance,
         clip_x0=_check_clip(clip_x0),
+        self_condition=bool(self_condition),
     )
 
 
@@ -131,17 +137,18 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "num_steps", "eta", "clip_x0"))
-def _ddim_loop(model_fn, sched, rng, *, shape, num_steps, eta, clip_x0):
+@functools.partial(jax.jit, static_argnames=("shape", "num_steps", "eta", "clip_x0", "self_condition"))
+def _ddim_loop(model_fn, sched, rng, *, shape, num_steps, eta, clip_x0, self_condition):
     init_rng, loop_rng = jax.random.split(rng)
     ts = ddim_timesteps(sched.num_timesteps, num_steps)[::-1]  # descending
     t_prev = np.append(ts[1:], -1)  # -1: the final step lands on clean data, ᾱ = 1
     ts, t_prev = jnp.asarray(ts), jnp.asarray(t_prev)
     ac_all = sched.alphas_cumprod
 
-    def step(i, x):
+    def step(i, carry):
+        x, x0_prev = carry
         t = jnp.full((shape[0],), ts[i], jnp.int32)
-        x0, eps = _denoise(model_fn, sched, x, t, clip_x0)
+        x0, eps = _denoise(model_fn, sched, x, t, clip_x0, x0_prev if self_condition else None)
         ac = ac_all[ts[i]]
         ac_prev = jnp.where(t_prev[i] >= 0, ac_all[jnp.maximum(t_prev[i], 0)], 1.0)
         one_m_ac = jnp.square(sched.sqrt_one_minus_alphas_cumprod[ts[i]])
@@ -151,10 +158,10 @@ def _ddim_loop(model_fn, sched, rng, *, shape, num_steps, eta, clip_x0):
         if eta > 0:
             z = jax.random.normal(jax.random.fold_in(loop_rng, i), shape, jnp.float32)
             x_prev = x_prev + jnp.sqrt(var) * z
-        return x_prev
+        return x_prev, x0
 
     x_T = jax.random.normal(init_rng, shape, jnp.float32)
-    return jax.lax.fori_loop(0, num_steps, step, x_T)
+    return jax.lax.fori_loop(0, num_steps, step, (x_T, jnp.zeros(shape, jnp.float32)))[0]
 
 
 def ddim_sample(
@@ -165,6 +172,7 @@ def ddim_sample(
     num_steps: int = 50,
     eta: float = 0.0,
     clip_x0: float | None = None,
+    self_condition: bool = False,
 ) -> jax.Array:
     """DDIM sampling (Song et al. 2021) over ``num_steps`` evenly respaced timesteps; returns x0 ``shape``.
 
@@ -174,6 +182,7 @@ def ddim_sample(
       num_steps: 1 <= num_steps <= T denoising steps (`ddim_timesteps`).
       eta: noise scale >= 0: 0 is the deterministic DDIM ODE, 1 is DDPM-like ancestral sampling.
       clip_x0: if set, clip the predicted x0 to [-clip_x0, clip_x0] at every step.
+      self_condition: call ``model_fn(x_t, t, x0_prev)`` with the previous step's x0 (zeros at the first step).
     """
     T = sched.num_timesteps
     if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
@@ -190,6 +199,7 @@ def ddim_sample(
         num_steps=int(num_steps),
         eta=float(eta),
         clip_x0=_check_clip(clip_x0),
+        self_condition=bool(self_condition),
     )
 
 
@@ -200,17 +210,17 @@ def _concat_batch(a, b):
     return jax.tree.map(lambda x, y: jnp.concatenate([x, jnp.broadcast_to(y, x.shape).astype(x.dtype)]), a, b)
 
 
-def _guided(apply_fn, cond, null_cond, guidance, x, t):
+def _guided(apply_fn, cond, null_cond, guidance, x, t, *x0_prev):
     batch = x.shape[0]
-    out = apply_fn(
-        jnp.concatenate([x, x]), jnp.concatenate([t, t]), _concat_batch(cond, null_cond)
-    )  # one call, batch 2B: [cond; uncond]
+    twice = lambda a: jnp.concatenate([a, a])
+    # one call, batch 2B: [cond; uncond]; both branches see the (guided) previous x0 when self-conditioning
+    out = apply_fn(twice(x), twice(t), _concat_batch(cond, null_cond), *map(twice, x0_prev))
     c, u = out[:batch], out[batch:]
     return u + guidance * (c - u)
 
 
-def _conditional(apply_fn, cond, x, t):
-    return apply_fn(x, t, cond)
+def _conditional(apply_fn, cond, x, t, *x0_prev):
+    return apply_fn(x, t, cond, *x0_prev)
 
 
 def cfg_model_fn(
@@ -225,6 +235,8 @@ def cfg_model_fn(
     ``apply_fn(x [2B, ...], t [2B], cond)`` on the batch [cond; null_cond]. Guidance mixes the model's
     native prediction (eps, v or x0). All three conversions to (x0, eps) are affine in the prediction with
     the same x_t, so the mix is the same whichever target the model predicts — until ``clip_x0`` clips it.
+    For the samplers' self-conditioning the returned function also takes the previous x0 and passes it on,
+    doubled, as ``apply_fn``'s fourth argument.
 
     Args:
       apply_fn: (x, t, cond) -> prediction; pass ``Partial(apply, params)`` to reuse compiled samplers.

@@ -66,6 +66,10 @@ class DiTConfig:
     # the first half (block D-1-i gets block i's input: the patch embedding reaches the last block), concatenated
     # and projected back to the width; helps small pixel-space models reproduce fine detail. Not with scan_layers.
     long_skips: bool = False
+    # Self-conditioning (Chen et al. 2022, Analog Bits): the network also sees an estimate of x0 (zeros, or its own
+    # previous estimate: `diffusion.self_conditioned` in training, the samplers' `self_condition`), concatenated
+    # with x_t along channels before patchifying.
+    self_condition: bool = False
     # auto / xla / cudnn / splash (vdit_jax.models.attention); auto: cuDNN on GPU in bf16, splash on TPU, else XLA
     attention_impl: str = "auto"
     # tokens split over the `sequence` mesh axis: K/V all-gathered (`allgather`) or passed around a ring (`ring`)
@@ -203,17 +207,23 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """The spacetime DiT: `__call__(x, t, labels=None, text=None) -> [B, T, H, W, C_out]` (float32).
+    """The spacetime DiT: `__call__(x, t, labels=None, text=None, x_self_cond=None) -> [B, T, H, W, C_out]` (float32).
 
     x [B, T, H, W, C], t [B]; labels [B] when num_classes > 0; text [B, L, text_dim] precomputed text-encoder
-    embeddings when text_dim > 0 (zeros = the null text of classifier-free guidance).
+    embeddings when text_dim > 0 (zeros = the null text of classifier-free guidance); x_self_cond [B, T, H, W, C] an
+    estimate of x0 when the config has self_condition (None = zeros, "no estimate"; ignored otherwise).
     """
 
     config: DiTConfig
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, t: jax.Array, labels: jax.Array | None = None, text: jax.Array | None = None
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        labels: jax.Array | None = None,
+        text: jax.Array | None = None,
+        x_self_cond: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
@@ -223,11 +233,15 @@ class DiT(nn.Module):
         if cfg.text_dim and (text is None or text.ndim != 3 or text.shape[-1] != cfg.text_dim):
             got = None if text is None else tuple(text.shape)
             raise ValueError(f"this DiT is text-conditional: pass text [B, L, {cfg.text_dim}], got {got}")
+        if cfg.self_condition and x_self_cond is not None and x_self_cond.shape != x.shape:
+            raise ValueError(f"x_self_cond must have x's shape {tuple(x.shape)}, got {tuple(x_self_cond.shape)}")
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
         grid = layers.token_grid(x.shape, cfg.patch_size)
         out_channels = cfg.out_channels or cfg.in_channels
 
+        if cfg.self_condition:
+            x = jnp.concatenate([x, jnp.zeros_like(x) if x_self_cond is None else x_self_cond.astype(x.dtype)], -1)
         tokens = layers.patchify(x.astype(dtype), cfg.patch_size)  # [B, N, pt*ph*pw*C]
         tokens = nn.with_logical_constraint(tokens, (sh.BATCH, sh.LENGTH, None))
         h = layers.dense(cfg.hidden_size, (sh.PATCH, sh.EMBED), name="patch_embed", **kw)(tokens)

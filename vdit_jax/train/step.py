@@ -29,9 +29,27 @@ Batch = dict[str, jax.Array]
 
 
 def _loss(
-    params, video, labels, t, noise, text, *, model, sched, min_snr_gamma, min_snr_floor, num_classes, loss_type="mse"
+    params,
+    video,
+    labels,
+    t,
+    noise,
+    text,
+    self_cond_rng,
+    *,
+    model,
+    sched,
+    min_snr_gamma,
+    min_snr_floor,
+    num_classes,
+    loss_type="mse",
 ):
-    model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, labels if num_classes else None, text)
+    y = labels if num_classes else None
+    if model.config.self_condition:
+        net = lambda x_t, tt, x0: model.apply({"params": params}, x_t, tt, y, text, x0)
+        model_fn = diffusion.self_conditioned(net, sched, self_cond_rng)
+    else:
+        model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, y, text)
     per_example, aux = diffusion.loss_fn(
         model_fn,
         sched,
@@ -69,6 +87,8 @@ def train_step(
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+    # One self-conditioning draw for the whole step (all micro-batches): accumulation keeps the full-batch gradient.
+    self_cond_rng = jax.random.fold_in(drop_rng, 2)
     video, labels = batch["video"], batch["label"]
     text = batch["text"] if model.config.text_dim else None
     t = diffusion.sample_timesteps(t_rng, video.shape[0], sched.num_timesteps, **(timestep_sampling or {}))
@@ -89,12 +109,12 @@ def train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = tc.grad_accum_steps
     if k == 1:
-        (loss, mse), grads = grad_fn(state.params, video, labels, t, noise, text)
+        (loss, mse), grads = grad_fn(state.params, video, labels, t, noise, text, self_cond_rng)
     else:
         split = lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:])
 
         def accumulate(carry, micro):
-            (loss_i, mse_i), g = grad_fn(state.params, *micro)
+            (loss_i, mse_i), g = grad_fn(state.params, *micro, self_cond_rng)
             return jax.tree.map(jnp.add, carry, (loss_i, mse_i, g)), None
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
