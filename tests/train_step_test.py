@@ -66,6 +66,9 @@ def test_gradient_accumulation_and_ema():
     batches = helpers.random_batches(config, 2)
     state, metrics = run_steps(config, jax.devices()[:1], batches)
     assert all(np.isfinite(m["loss"]) for m in metrics)
+    # The config's self_condition reached the model: x0 estimate beside x, so twice the patch width in.
+    pt, ph, pw = config.model.patch_size
+    assert state.params["patch_embed"]["kernel"].shape[0] == 2 * pt * ph * pw * 3
     # EMA warm-up: decay = min(ema_decay, (1 + step) / (10 + step)) -> the EMA trails the params but moved.
     p, e = jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)
     moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(p, e))
