@@ -251,9 +251,70 @@ def test_mismatched_state_raises_without_setting_checkpoints_aside(collect_garba
         for s in (1, 2):
             ckpt.save(s, _small_state(s))
         wrong = dict(_small_abstract(), w=jax.ShapeDtypeStruct((3,), jnp.float32))
-        with pytest.raises(ckpt_lib.CheckpointError, match="could be restored"):
+        with pytest.raises(ckpt_lib.CheckpointReadError, match="step 2 .*not compatible.*left in place"):
             ckpt.restore(wrong)
         assert ckpt.all_steps() == [1, 2]
+    assert not list(tmp_path.glob("*.corrupt*"))
+
+
+@_orbax_read_failure
+def test_permission_error_is_not_corruption(collect_garbage, tmp_path_factory):
+    """A read the storage refuses (here: a file only root may read, read as user nobody) stops the restore with one
+    clear error and sets nothing aside, unlike missing or garbled files."""
+    if not hasattr(os, "seteuid"):
+        pytest.skip("needs POSIX effective user ids")
+    root = tmp_path_factory.mktemp("perm")
+    os.chmod(root, 0o777)
+    for parent in root.parents:  # user nobody must reach the directory (pytest's base is 0o700)
+        if str(parent) == "/tmp" or parent == parent.parent:
+            break
+        os.chmod(parent, os.stat(parent).st_mode | 0o755)
+    with _checkpointer(root) as ckpt:
+        for s in (1, 2):
+            ckpt.save(s, _small_state(s))
+    for path in (root / "2").rglob("*"):
+        os.chmod(path, 0o700 if path.is_dir() else 0o600)  # only the owner (root, or this user) may read
+    reader_uid = 65534 if os.geteuid() == 0 else None  # as root, read as nobody; otherwise drop our own read bit
+    if reader_uid is None:
+        for path in (root / "2" / "state").rglob("*"):
+            if path.is_file():
+                os.chmod(path, 0)
+    import grp  # noqa: F401  (imported lazily by epath's stat(); nobody cannot read root's Python install)
+    import pwd  # noqa: F401
+
+    try:
+        if reader_uid is not None:
+            os.seteuid(reader_uid)
+        with _checkpointer(root) as ckpt:
+            with pytest.raises(ckpt_lib.CheckpointReadError, match=r"step 2 .*(PERMISSION_DENIED|Permission denied)"):
+                ckpt.restore(_small_abstract())
+    finally:
+        if reader_uid is not None:
+            os.seteuid(0)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "error,unreadable",
+    [
+        (ValueError('NOT_FOUND: Error reading "a/.zarray" in OCDBT database'), True),
+        (ValueError("OUT_OF_RANGE: Requested byte range [0, 2298) is not valid for value of size 7"), True),
+        (ValueError("DATA_LOSS: checksum mismatch"), True),
+        (json.JSONDecodeError("Expecting value", "{", 1), True),
+        (FileNotFoundError("no such file"), True),
+        (ValueError("PERMISSION_DENIED: Error reading ... Permission denied"), False),
+        (ValueError("UNAVAILABLE: HTTP response code: 503"), False),
+        (ValueError("DEADLINE_EXCEEDED: timed out"), False),
+        (ConnectionResetError("Connection reset by peer"), False),
+        (PermissionError("denied"), False),
+        (ValueError("Requested shape: (3,) is not compatible with the stored shape: (8,)"), False),
+    ],
+)
+def test_is_unreadable_classifies_errors(error, unreadable):
+    assert ckpt_lib.is_unreadable(error) is unreadable
+    wrapped = Exception("Encountered error while reading array index")  # orbax wraps tensorstore's error
+    wrapped.__cause__ = error
+    assert ckpt_lib.is_unreadable(wrapped) is unreadable
 
 
 def test_interrupted_save_is_never_picked_up(tmp_path):

@@ -38,6 +38,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from vdit_jax import paths
+
 STATE = "state"
 DATA = "data"
 CONFIG = "config"
@@ -47,6 +49,25 @@ CORRUPT_SUFFIX = ".corrupt"
 
 class CheckpointError(RuntimeError):
     """No checkpoint under the directory could be restored."""
+
+
+class CheckpointReadError(CheckpointError):
+    """Reading a checkpoint failed for a reason other than damaged files (a transient storage error, a permission
+    error, a state that does not match the checkpoint): nothing was set aside; fix the cause and run again."""
+
+
+# How a failed read is classified (`_is_unreadable`): only damaged or missing files set a checkpoint aside.
+# Tensorstore (orbax's array storage) reports absl status codes in its messages.
+_DAMAGED_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE")
+_TRANSIENT_CODES = (
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "ABORTED",
+    "CANCELLED",
+)
 
 
 def config_to_json_dict(config: Any) -> dict:
@@ -85,7 +106,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        self.directory = paths.resolve(directory)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,
             preservation_policy=ocp.checkpoint_managers.LatestN(n=max_to_keep),
@@ -162,15 +183,17 @@ class Checkpointer:
         `.sharding` (or concrete arrays): a checkpoint written on any mesh restores onto it.
         `data_iterator`, when given, is moved in place to the saved position.
 
-        With `step=None` restores the newest checkpoint; if that one cannot be read (files
-        truncated or missing) it logs a warning naming the step and the error, and tries the one
-        before. Skipped unreadable checkpoints are then renamed to `<step>.corrupt` inside the
-        directory (kept for inspection, never deleted) so later saves of those step numbers
-        succeed. With an explicit `step`, that step or an error.
+        With `step=None` restores the newest checkpoint. If that one is shown to be unreadable (files missing,
+        truncated or garbled: see `is_unreadable`) it logs a warning naming the step and the error and tries the
+        one before; skipped unreadable checkpoints are then renamed to `<step>.corrupt` inside the directory (kept
+        for inspection, never deleted) so later saves of those step numbers succeed. Any other error (a transient
+        storage error, a permission error, a state that does not match the checkpoint) stops at once and moves
+        nothing: it is not evidence that the checkpoint is bad. With an explicit `step`, that step or an error.
 
         Raises:
           FileNotFoundError: there is no checkpoint.
-          CheckpointError: no checkpoint could be restored (each step's error is listed).
+          CheckpointReadError: a read failed for another reason than damaged files; nothing was moved.
+          CheckpointError: every checkpoint is unreadable (each step's error is listed); nothing was moved.
         """
         self._manager.wait_until_finished()
         if step is not None:
@@ -186,18 +209,31 @@ class Checkpointer:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         failures: list[tuple[int, Exception]] = []
         for i, candidate in enumerate(steps):
+            error: Exception | None = None
             try:
                 state = self._restore_step(candidate, abstract_state, data_iterator)
-                ok = True
-            except Exception as e:  # Any read error means: try the previous checkpoint.
-                state, ok = None, False
-                failures.append((candidate, e))
-            if _all_processes(ok):
+            except Exception as e:  # classified below: only damaged files mean "try the previous checkpoint"
+                state, error = None, e
+            if error is not None and is_unreadable(error):
+                # Orbax reports a directory it may not list as missing: damage only counts if every file opens.
+                access_error = _access_error(self.directory / str(candidate))
+                if access_error is not None:
+                    error = access_error
+            verdict = _OK if error is None else (_DAMAGED if is_unreadable(error) else _OTHER)
+            verdict = _worst_over_processes(verdict)
+            if verdict == _OK:
                 if failures:
                     self._quarantine([s for s, _ in failures])
                 return candidate, state
-            if ok:  # Readable here, but not on another process.
-                failures.append((candidate, CheckpointError("unreadable on another process")))
+            if verdict == _OTHER:
+                why = f"{type(error).__name__}: {_short(error)}" if error is not None else "failed on another process"
+                raise CheckpointReadError(
+                    f"Could not read the checkpoint at step {candidate} in {self.directory} ({why}). This is not a "
+                    "damaged checkpoint (no file is missing or garbled), so every checkpoint was left in place: fix "
+                    "the cause (storage access, credentials, or a config that no longer matches the checkpoint) "
+                    "and run again."
+                ) from None
+            failures.append((candidate, error or CheckpointError("unreadable on another process")))
             _, error = failures[-1]
             logging.warning(
                 "Checkpoint at step %d in %s is unreadable (%s: %s); %s.",
@@ -209,8 +245,8 @@ class Checkpointer:
             )
         listing = "\n".join(f"  step {s}: {type(e).__name__}: {_short(e)}" for s, e in failures)
         raise CheckpointError(
-            f"No checkpoint in {self.directory} could be restored (the state's structure or "
-            f"shapes may not match the checkpoints, or every checkpoint is damaged):\n{listing}"
+            f"No checkpoint in {self.directory} could be restored: every checkpoint has missing or damaged files "
+            f"(all left in place):\n{listing}"
         )
 
     def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
@@ -245,7 +281,7 @@ class Checkpointer:
 
 def restore_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     """Reads back the config saved with a checkpoint (the newest one by default) as a dict."""
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    directory = paths.resolve(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {directory} does not exist.")
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
@@ -261,11 +297,57 @@ def restore_config(directory: str | os.PathLike, step: int | None = None) -> dic
         return dict(restored[CONFIG])
 
 
-def _all_processes(ok: bool) -> bool:
-    """True when `ok` holds on every process (all processes must call this)."""
+_OK, _DAMAGED, _OTHER = 0, 1, 2  # restore outcomes, ordered by severity
+
+
+def _worst_over_processes(verdict: int) -> int:
+    """The most severe restore outcome over all processes (all processes must call this)."""
     if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+        return verdict
+    return int(np.max(multihost_utils.process_allgather(np.asarray(verdict, np.int32))))
+
+
+def _access_error(step_dir: epath.Path) -> Exception | None:
+    """The first error met opening the files under `step_dir` (listing every directory, reading a byte of every
+    file), or None when all of them open: then a failed restore is down to their contents, not to access."""
+    try:
+        pending = [step_dir]
+        while pending:
+            for child in pending.pop().iterdir():
+                if child.is_dir():
+                    pending.append(child)
+                else:
+                    with child.open("rb") as f:
+                        f.read(1)
+    except FileNotFoundError:
+        return None  # a missing file is damage
+    except Exception as e:  # noqa: BLE001 - any other failure to open is an access problem, not damage
+        return e
+    return None
+
+
+def is_unreadable(error: BaseException) -> bool:
+    """Whether a restore error shows the checkpoint's files to be missing, truncated or garbled.
+
+    True for missing files and undecodable contents (tensorstore's NOT_FOUND / DATA_LOSS / OUT_OF_RANGE, a
+    `FileNotFoundError`, a JSON or text decode error). False for transient or access errors (PERMISSION_DENIED,
+    UNAVAILABLE, DEADLINE_EXCEEDED, connection errors, timeouts) and for anything else, such as a state whose
+    structure or shapes do not match the checkpoint: only evidence of damage sets a checkpoint aside.
+    """
+    chain, seen = [], set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(x) for x in chain)
+    if any(isinstance(x, PermissionError | ConnectionError | TimeoutError) for x in chain):
+        return False
+    if any(f"{code}:" in text for code in _TRANSIENT_CODES):
+        return False
+    if any(isinstance(x, FileNotFoundError | json.JSONDecodeError | UnicodeDecodeError | EOFError) for x in chain):
+        return True
+    return any(f"{code}:" in text for code in _DAMAGED_CODES)
 
 
 def _short(e: Exception, limit: int = 300) -> str:
