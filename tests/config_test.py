@@ -42,6 +42,8 @@ def _set(config, key, value):
         ("train.grad_accum_steps", 3, 1, "divisible by grad_accum_steps=3"),
         ("train.learning_rate", 0.0, 1, "learning_rate=0.0 must be > 0"),
         ("train.ema_decay", 1.0, 1, r"ema_decay=1.0 must be in \[0, 1\)"),
+        ("train.max_consecutive_nonfinite", 0, 1, "config.train.max_consecutive_nonfinite=0 must be >= 1"),
+        ("train.keep_checkpoints", 0, 1, "config.train.keep_checkpoints=0 must be >= 1"),
         ("diffusion.label_dropout", 1.5, 1, "label_dropout=1.5"),
         ("diffusion.timestep_sampling", "beta", 1, r"timestep_sampling='beta' is not allowed; use one of \['uniform'"),
         ("diffusion.timestep_logit_std", 0.0, 1, "timestep_logit_std=0.0 must be > 0"),

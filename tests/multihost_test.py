@@ -7,6 +7,7 @@ stays 2: each process's data-iterator position is saved separately (see vdit_jax
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -107,16 +108,30 @@ def _wait_for_checkpoint(workdir, step, procs, timeout=180):
     raise AssertionError(f"no checkpoint >= {step} within {timeout} s")
 
 
-@pytest.mark.slow
-def test_kill_one_process_then_resume_on_another_mesh(tmp_path, data_dir):
-    # The uninterrupted reference: one process, one device (the global batches are the same for any process count).
-    ref = tmp_path / "ref"
+REFERENCE_STEPS = 18
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir) -> dict[int, float]:
+    """The uninterrupted reference: one process, one device (the global batches are the same for any process
+    count), as step -> loss."""
+    ref = tmp_path_factory.mktemp("ref") / "run"
     proc = subprocess.run(
-        _train_cmd(ref, data_dir, "--config.train.num_steps=12"), env=_env(1), cwd=ROOT, capture_output=True, text=True
+        _train_cmd(ref, data_dir, f"--config.train.num_steps={REFERENCE_STEPS}"),
+        env=_env(1),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = _losses(ref)
-    assert sorted(expected) == list(range(1, 13))
+    assert sorted(expected) == list(range(1, REFERENCE_STEPS + 1))
+    return expected
+
+
+@pytest.mark.slow
+def test_kill_one_process_then_resume_on_another_mesh(tmp_path, data_dir, reference):
+    expected = reference
 
     # 2 processes x 2 devices (data 2 x fsdp 2); kill -9 process 1 once step 4 is checkpointed.
     run = tmp_path / "run"
@@ -210,3 +225,63 @@ def test_detect_environment():
         distributed.detect_environment(distributed.Settings("nohost", 2, 0), env={})
     with pytest.raises(distributed.DistributedError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
         distributed.detect_environment(distributed.Settings("h:1", 2, 2), env={})
+
+
+def _wait_for_logged_step(workdir, step, procs, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a process exited early:\n{_log(workdir, 0)[-3000:]}\n{_log(workdir, 1)[-3000:]}")
+        try:
+            if max(_losses(workdir), default=0) >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not logged within {timeout} s")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_step_with_samples(tmp_path, data_dir, reference):
+    """SIGTERM reaches one host of two: JAX's preemption sync point makes both save the same step and exit 0;
+    training-time samples (`sample_every`) are written by process 0 meanwhile; the run resumes exactly."""
+    run = tmp_path / "run"
+    procs = _launch(
+        run,
+        data_dir,
+        "--config.train.num_steps=1000",
+        "--config.train.checkpoint_every=1000",
+        "--config.train.sample_every=3",
+        "--config.train.sample_num=2",
+        devices=1,
+        port=_free_port(),
+    )
+    try:
+        _wait_for_logged_step(run, 4, procs)
+        procs[1].send_signal(signal.SIGTERM)
+        rcs = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [_log(run, i) for i in (0, 1)]
+    assert rcs == [0, 0], f"{logs[0][-3000:]}\n{logs[1][-3000:]}"
+    saved = [int(m) for m in re.findall(r"preemption: saved a checkpoint at step (\d+)", "\n".join(logs))]
+    assert len(saved) == 2 and saved[0] == saved[1], saved  # both processes, the same step
+    stop = saved[0]
+    assert 4 <= stop <= REFERENCE_STEPS - 2, stop
+    assert _finished_checkpoints(run) == [1, stop]  # the first save of a run, then the preemption's
+    samples = np.load(run / "samples" / "step_3" / "samples.npz")
+    assert samples["videos"].shape == (2, 8, 32, 32, 3) and len(samples["prompts"]) == 2
+
+    procs = _launch(run, data_dir, f"--config.train.num_steps={stop + 2}", devices=1, port=_free_port(), tag=".resume")
+    try:
+        rcs = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert rcs == [0, 0], f"{_log(run, 0, '.resume')[-3000:]}\n{_log(run, 1, '.resume')[-3000:]}"
+    after = _losses(run)
+    for step in range(1, stop + 3):
+        np.testing.assert_allclose(after[step], reference[step], rtol=1e-5, err_msg=f"step {step}")

@@ -110,9 +110,10 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path, data_
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "SIGTERM received" in stderr
+    saved = re.search(r"SIGTERM: saved a checkpoint at step (\d+) and stopped", stderr)
+    assert saved, stderr[-3000:]
     steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
-    assert steps[-1] >= 3 and steps[-1] not in (1000,)
+    assert steps[-1] == int(saved.group(1)) >= 3
     # Restorable: sampling from it works.
     out = _run(_cmd("vdit_jax.sample", f"--workdir={workdir}", "--num=1", "--steps=2", f"--out_dir={tmp_path / 's'}"))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -202,3 +203,65 @@ def test_train_cli_bad_config_is_one_clear_line(tmp_path, data_dir):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "patch_size=(3, 8, 8) must divide the video" in proc.stderr.strip().splitlines()[-1]
+
+
+def _assert_one_line_stop(proc, cause: str, workdir) -> int:
+    """The run ended non-zero with one `error:` line naming the cause and an existing, complete checkpoint."""
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1, proc.stderr[-3000:]
+    last = lines[-1]
+    match = re.match(r"error: training stopped at step \d+: (.*); last good checkpoint: step (\d+) in (\S+)\.", last)
+    assert match, last
+    assert cause in match.group(1), last
+    ckpt_dir = workdir / "checkpoints"
+    assert match.group(3) == str(ckpt_dir)
+    names = os.listdir(ckpt_dir)
+    assert not [n for n in names if "tmp" in n], names  # the save in flight finished or was never started
+    assert match.group(2) in names and (ckpt_dir / match.group(2) / "state").is_dir(), names
+    return int(match.group(2))
+
+
+def test_nonfinite_limit_stops_cleanly_between_logging_steps(tmp_path, data_dir):
+    # The issue's reproduction, with logging only every 100 steps: the streak must be seen on the step it happens.
+    workdir = tmp_path / "run"
+    proc = _run(
+        _train_cmd(
+            workdir,
+            data_dir,
+            "--config.train.num_steps=50",
+            "--config.train.learning_rate=1e30",
+            "--config.train.warmup_steps=0",
+            "--config.train.checkpoint_every=1",
+            "--config.train.log_every=100",
+            "--config.train.max_consecutive_nonfinite=3",
+            "--config.train.sample_num=0",
+        )
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    saved = _assert_one_line_stop(proc, "3 updates in a row had a non-finite loss", workdir)
+    assert 3 <= saved <= 5, saved  # stopped as soon as the streak reached 3, not at a logging step
+    # The checkpoint it names restores, and the run resumes from it (and stops again, with the same message).
+    again = _run(_train_cmd(workdir, data_dir, "--config.train.num_steps=50", "--config.train.learning_rate=1e30"))
+    assert f"resumed from step {saved}" in again.stderr, again.stderr[-3000:]
+
+
+def test_ctrl_c_finishes_the_checkpoint_in_flight_and_exits_130(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(workdir, data_dir, "--config.train.num_steps=100000", "--config.train.checkpoint_every=1"),
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_step(workdir, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    proc.stderr = stderr
+    saved = _assert_one_line_stop(proc, "interrupted (Ctrl-C)", workdir)
+    stopped_at = int(re.search(r"training stopped at step (\d+)", stderr).group(1))
+    assert saved == stopped_at >= 3  # the first Ctrl-C ends the step and checkpoints it
+    assert (workdir / "metrics.jsonl").read_text().endswith("\n")  # the writers were closed, not torn

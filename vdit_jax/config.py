@@ -143,7 +143,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _check(1 <= s.steps <= d.num_timesteps, f"config.sample.steps={s.steps} must be in [1, {d.num_timesteps}]")
     _check(s.eta >= 0, f"config.sample.eta={s.eta} must be >= 0")
     _check(s.guidance >= 0, f"config.sample.guidance={s.guidance} must be >= 0")
-    for key in ("num_steps", "global_batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
+    for key in (
+        "num_steps",
+        "global_batch_size",
+        "grad_accum_steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "max_consecutive_nonfinite",
+    ):
         _check(tr[key] >= 1, f"config.train.{key}={tr[key]} must be >= 1")
     _check(tr.learning_rate > 0, f"config.train.learning_rate={tr.learning_rate} must be > 0")
     _check(0 <= tr.ema_decay < 1, f"config.train.ema_decay={tr.ema_decay} must be in [0, 1)")

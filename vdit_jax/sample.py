@@ -6,8 +6,6 @@ plus samples.npz (`videos` uint8 [N, T, H, W, 3], `prompts`) to --out_dir (defau
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from absl import app, flags, logging
@@ -15,7 +13,9 @@ from absl import app, flags, logging
 from vdit_jax import cli
 from vdit_jax import config as config_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run directory (with checkpoints/ and config.json).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "A training run directory (with checkpoints/ and config.json), local or gs://bucket/run."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 _PROMPT = flags.DEFINE_string("prompt", None, 'A caption, e.g. "a red square moving right" (moving_shapes).')
 _LABEL = flags.DEFINE_integer("label", None, "A class label (class-conditional models), instead of --prompt.")
@@ -26,14 +26,18 @@ _ETA = flags.DEFINE_float("eta", None, "DDIM eta (0 = deterministic). Default: c
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (1 = off). Default: config.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Videos per jitted sampling call.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (default WORKDIR/samples).")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory, local or gs:// (default WORKDIR/samples).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Text models: local dataset dir whose test-split texts are sampled (default as in training)",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
 def resolve_labels(config, prompt: str | None, label: int | None, num: int) -> tuple[np.ndarray, list[str]]:
     """Labels and prompts for the request; raises cli.UsageError with the allowed values."""
     from vdit_jax.data import sources
-    from vdit_jax.train.loop import sample_labels
 
     num_classes = config.model.num_classes
     if prompt is not None and label is not None:
@@ -48,12 +52,15 @@ def resolve_labels(config, prompt: str | None, label: int | None, num: int) -> t
             raise cli.UsageError(f"--label={label} is out of range; allowed: 0..{num_classes - 1}")
         labels = np.full((num,), label, np.int32)
     else:
-        labels = sample_labels(num, num_classes)
+        labels = sources.sample_labels(num, num_classes)
     return labels, [sources.caption(config, int(y)) for y in labels]
 
 
-def run(workdir, *, step, prompt, label, num, steps, sampler, eta, guidance, seed, batch_size, out_dir) -> str:
-    from vdit_jax import inference, video_io
+def run(
+    workdir, *, step, prompt, label, num, steps, sampler, eta, guidance, seed, batch_size, out_dir, data_dir=None
+) -> str:
+    from vdit_jax import inference, paths, video_io
+    from vdit_jax.data import sources
 
     if num < 1:
         raise cli.UsageError(f"--num={num} must be >= 1")
@@ -68,13 +75,27 @@ def run(workdir, *, step, prompt, label, num, steps, sampler, eta, guidance, see
     config, params, loaded = inference.load(workdir, step)
     if steps is not None and not 1 <= steps <= config.diffusion.num_timesteps:
         raise cli.UsageError(f"--steps={steps} must be in [1, {config.diffusion.num_timesteps}]")
-    labels, prompts = resolve_labels(config, prompt, label, num)
+    text = text_mask = None
+    if config.model.text_dim:  # precomputed text embeddings: texts drawn from the dataset's test split
+        if prompt is not None or label is not None:
+            raise cli.UsageError(
+                "this model is conditioned on precomputed text embeddings: it samples texts of its dataset's test "
+                "split (--num, --seed); --prompt and --label are for class-conditional models"
+            )
+        cond = sources.sample_conditions(
+            config, data_dir or config.data.data_dir or sources.default_data_dir(), num, seed=seed
+        )
+        labels, prompts, text, text_mask = cond["labels"], cond["captions"], cond["text"], cond["text_mask"]
+    else:
+        labels, prompts = resolve_labels(config, prompt, label, num)
     logging.info("sampling %d videos from step %d of %s", num, loaded, workdir)
     videos = inference.sample(
         config,
         params,
         labels,
         jax.random.key(seed),
+        text=text,
+        text_mask=text_mask,
         sampler=sampler,
         steps=steps,
         eta=eta,
@@ -82,7 +103,7 @@ def run(workdir, *, step, prompt, label, num, steps, sampler, eta, guidance, see
         batch_size=batch_size,
         progress=True,
     )
-    out_dir = out_dir or os.path.join(workdir, "samples")
+    out_dir = paths.resolve(out_dir) if out_dir else paths.resolve(workdir) / "samples"
     path = video_io.save_samples(out_dir, videos, prompts, fps=config.sample.fps)
     print(f"wrote {len(videos)} videos and {path}")
     return path
@@ -106,6 +127,7 @@ def main(argv):
         seed=_SEED.value,
         batch_size=_BATCH.value,
         out_dir=_OUT_DIR.value,
+        data_dir=_DATA_DIR.value,
     )
 
 

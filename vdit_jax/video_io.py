@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
+from absl import logging
+from etils import epath
+
+from vdit_jax import paths
 
 
 def configure_mediapy():
@@ -32,18 +37,37 @@ def _upscale(video: np.ndarray, min_size: int = 64) -> np.ndarray:
     return np.repeat(np.repeat(video, factor, axis=1), factor, axis=2)
 
 
-def save_samples(out_dir: str, videos: np.ndarray, prompts, fps: int = 8, write_media: bool = True) -> str:
-    """Writes sample_NNN.mp4 / .gif per video and samples.npz (`videos` uint8 [N,T,H,W,3], `prompts`).
+def save_samples(out_dir, videos: np.ndarray, prompts, fps: int = 8, write_media: bool = True) -> str:
+    """Writes `out_dir/samples.npz` and, for RGB videos, `sample_NNN.mp4` / `.gif` per video.
 
-    Returns the path of samples.npz.
+    `out_dir` is any `etils.epath` path (`gs://...` too: the media are encoded in a local temporary directory and
+    copied). `videos`: uint8 [N, T, H, W, 3] RGB (npz key `videos`), or a model output that is not an RGB video,
+    e.g. float latents [N, T', H', W', C'] until an autoencoder decodes them: those go to samples.npz only (key
+    `latents`), with one warning. `prompts`: N strings (npz key `prompts`). Returns the path of samples.npz.
     """
-    if videos.dtype != np.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
-        raise ValueError(f"videos must be uint8 [N, T, H, W, 3], got {videos.dtype} {videos.shape}")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = paths.resolve(out_dir)
+    if videos.ndim != 5:
+        raise ValueError(f"videos must be [N, T, H, W, C], got shape {videos.shape}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = np.asarray(list(prompts), dtype=str)
+    path = out_dir / "samples.npz"
+    if videos.dtype != np.uint8 or videos.shape[-1] != 3:
+        logging.log_first_n(
+            logging.WARNING,
+            "samples of shape %s (%s) are not RGB videos (latents?): writing %s only, no mp4/gif",
+            1,
+            videos.shape,
+            videos.dtype,
+            path,
+        )
+        paths.savez_compressed(path, latents=videos, prompts=prompts)
+        return os.fspath(path)
     if write_media:
-        for i, video in enumerate(videos):
-            write_mp4(os.path.join(out_dir, f"sample_{i:03d}.mp4"), video, fps)
-            write_gif(os.path.join(out_dir, f"sample_{i:03d}.gif"), video, fps)
-    path = os.path.join(out_dir, "samples.npz")
-    np.savez_compressed(path, videos=videos, prompts=np.asarray(list(prompts), dtype=str))
-    return path
+        with tempfile.TemporaryDirectory(prefix="vdit_samples_") as tmp:
+            for i, video in enumerate(videos):
+                for ext, write in (("mp4", write_mp4), ("gif", write_gif)):
+                    local = os.path.join(tmp, f"sample_{i:03d}.{ext}")
+                    write(local, video, fps)
+                    (out_dir / f"sample_{i:03d}.{ext}").write_bytes(epath.Path(local).read_bytes())
+    paths.savez_compressed(path, videos=videos, prompts=prompts)
+    return os.fspath(path)

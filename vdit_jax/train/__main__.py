@@ -10,6 +10,7 @@ VDIT_NUM_PROCESSES, VDIT_PROCESS_ID). See `vdit_jax.parallel.distributed`. Resum
 
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,7 +19,11 @@ from vdit_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, tb/, metrics.jsonl, samples/.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the dataset is (or is built); default WORKDIR/data.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Local directory where the dataset is (or is built); default $VDIT_DATA_DIR or ~/.cache/vdit_jax/data.",
+)
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (default: detected).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes (default: detected).")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index in [0, num_processes).")
@@ -38,7 +43,7 @@ def main(argv):
         distributed.initialize(flags.FLAGS)  # before anything touches a JAX device
     except distributed.DistributedError as e:
         cli.fail(str(e))
-    from vdit_jax.train import loop
+    from vdit_jax.train import checkpoint, loop
 
     try:
         with distributed.peer_failure_guard():
@@ -46,6 +51,14 @@ def main(argv):
     except distributed.PeerFailure as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # not sys.exit: JAX's exit-time shutdown would wait for the dead process
+    except loop.RunStopped as e:
+        if e.unexpected:  # a bug, not a way for a run to stop: keep its traceback
+            traceback.print_exception(e.__cause__, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except checkpoint.CheckpointError as e:  # nothing restorable, or a read error: every checkpoint left in place
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if metrics.get("stopped"):
         logging.info("stopped by %s; run the same command to resume", metrics["stopped"])
 

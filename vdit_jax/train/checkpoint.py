@@ -14,10 +14,15 @@ Random keys: typed keys (`jax.random.key`) and raw `uint32` keys (`jax.random.PR
 round-trip through orbax 0.12 unchanged, with their dtype; nothing needs wrapping.
 
 Multi-host: every process calls `save`/`restore`/`wait` (orbax coordinates the writes and the
-primary-host-only steps). `PreemptionGuard` is per process; on a pod, where only some hosts may
-receive SIGTERM, use orbax's `CheckpointManager.reached_preemption(step)` (JAX's preemption sync
-point, enabled by `jax.distributed.initialize`) so that all hosts agree on the step to save;
-`Checkpointer.reached_preemption` exposes it.
+primary-host-only steps). `PreemptionGuard` is per process (the single-process trainer uses it); on
+a pod, where only some hosts may receive SIGTERM, the trainer asks `reached_preemption(step)` every
+step instead (JAX's preemption sync point, started by `jax.distributed.initialize`, whose SIGTERM
+handler must not be replaced by a Python one), so that all hosts save and stop at the same step.
+
+Storage: `directory` may be any `etils.epath` path (`gs://` included; orbax then marks a finished
+step with a commit file instead of a rename). A failed read sets a checkpoint aside only when its
+files are shown to be missing or garbled (`is_unreadable`); any other error stops with
+`CheckpointReadError` and moves nothing.
 """
 
 from __future__ import annotations
@@ -372,8 +377,8 @@ class PreemptionGuard:
     impatient Ctrl-C still stops a hung loop. Must be entered in the main thread.
     """
 
-    def __init__(self, *, sigint: bool = False):
-        self._signals = (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,)
+    def __init__(self, *, sigterm: bool = True, sigint: bool = False):
+        self._signals = ((signal.SIGTERM,) if sigterm else ()) + ((signal.SIGINT,) if sigint else ())
         self._previous: dict[int, Any] = {}
         self._received: int | None = None
 

@@ -4,6 +4,11 @@
 `{"step": 100, "loss": 0.0831, "lr": 0.001}`; non-finite values are written as the strings
 "nan", "inf" and "-inf" (`float()` reads them back), so every line stays valid JSON.
 TensorBoard events go to `workdir/tb`. Only process 0 writes anything.
+
+`workdir` may be any `etils.epath` path. Locally the JSONL file is appended to and flushed every line; on an object
+store (`gs://`, where objects cannot be appended to) the writer keeps the lines and uploads the whole file at most
+every `flush_secs` and on `flush()` / `close()`, so a preempted run loses at most that much of the log (the
+checkpoint, not the log, is what a resume needs; resuming purges lines after the checkpoint anyway).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
+from etils import epath
+
+from vdit_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -63,22 +71,31 @@ class MetricsWriter:
         process_index: int | None = None,
         purge_step: int | None = None,
         console: bool = True,
+        flush_secs: float = 30.0,
     ):
-        self.workdir = os.fspath(workdir)
+        self.workdir = paths.resolve(workdir)
         self.active = (jax.process_index() if process_index is None else process_index) == 0
         self.console = console
+        self.flush_secs = flush_secs
         self._file = None
+        self._lines: list[bytes] | None = None  # object stores: the whole file, uploaded on flush
+        self._last_upload = time.monotonic()
         self._tb = None
         if not self.active:
             return
-        os.makedirs(self.workdir, exist_ok=True)
-        path = os.path.join(self.workdir, METRICS_FILE)
-        _repair_jsonl(path, purge_step)
-        self._file = open(path, "a", encoding="utf-8")  # Closed in close().
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / METRICS_FILE
+        kept = _repair_jsonl(path, purge_step)
+        if paths.is_local(path):
+            self._file = open(path, "a", encoding="utf-8")  # Closed in close().
+        else:
+            self._lines = kept
         # Imported lazily: tensorboardX pulls in protobuf, which non-writing processes skip.
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TB_DIR), purge_step=purge_step, flush_secs=30)
+        self._tb = SummaryWriter(
+            logdir=os.fspath(self.workdir / TB_DIR), purge_step=purge_step, flush_secs=int(flush_secs)
+        )
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Records scalar `metrics` (Python, NumPy or JAX scalars) for `step`."""
@@ -89,24 +106,43 @@ class MetricsWriter:
         if "step" in values:
             raise ValueError("'step' is reserved; pass it as the step argument")
         record = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._lines.append(line.encode())
+            if time.monotonic() - self._last_upload >= self.flush_secs:
+                self._upload()
         for name, value in values.items():
             self._tb.add_scalar(name, float(value), global_step=step)
         if self.console:
             parts = " | ".join(f"{k} {_fmt(v)}" for k, v in values.items())
             tqdm.tqdm.write(f"step {step} | {parts}", file=sys.stdout)
 
+    def _upload(self) -> None:
+        paths.write_bytes_atomic(self.workdir / METRICS_FILE, b"".join(self._lines))
+        self._last_upload = time.monotonic()
+
     def flush(self) -> None:
-        if self.active:
+        if not self.active:
+            return
+        if self._file is not None:
             self._file.flush()
-            self._tb.flush()
+        elif self._lines is not None:
+            self._upload()
+        self._tb.flush()
 
     def close(self) -> None:
-        if self.active and self._file is not None:
+        if not self.active or self._tb is None:
+            return
+        if self._file is not None:
             self._file.close()
-            self._tb.close()
             self._file = None
+        elif self._lines is not None:
+            self._upload()
+        self._tb.close()
+        self._tb = None
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -118,32 +154,27 @@ class MetricsWriter:
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     """The records of `workdir/metrics.jsonl`, in order (non-finite strings become floats)."""
     records = []
-    with open(os.path.join(os.fspath(workdir), METRICS_FILE), encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            for k, v in record.items():
-                if isinstance(v, str) and v in ("nan", "inf", "-inf"):
-                    record[k] = float(v)
-            records.append(record)
+    for line in (paths.resolve(workdir) / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        for k, v in record.items():
+            if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+                record[k] = float(v)
+        records.append(record)
     return records
 
 
-def _repair_jsonl(path: str, purge_step: int | None) -> None:
-    """Drops a torn last line (a kill mid-write) and, with `purge_step`, steps >= it."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
+def _repair_jsonl(path: epath.Path, purge_step: int | None) -> list[bytes]:
+    """Drops a torn last line (a kill mid-write) and, with `purge_step`, steps >= it; returns the kept lines."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
     torn = lines.pop()  # b"" when the file ends with a newline
     keep = lines
     if purge_step is not None:
         keep = [ln for ln in lines if ln.strip() and _line_step(ln) < purge_step]
     if torn or len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(b"".join(ln + b"\n" for ln in keep))
-        os.replace(tmp, path)
+        paths.write_bytes_atomic(path, b"".join(ln + b"\n" for ln in keep))
+    return [ln + b"\n" for ln in keep]
 
 
 def _line_step(line: bytes) -> int:
