@@ -1,6 +1,11 @@
 """Benchmark workloads: `python -m vdit_jax.bench --config=configs/bench.py:VARIANT [--mode=train|sample]`.
 
-All are text-conditioned (precomputed text-encoder embeddings; no class labels) on synthetic batches.
+All are text-conditioned (precomputed text-encoder embeddings with text masks; no class labels). The benchmark
+times synthetic batches; training (`python -m vdit_jax.train --config=configs/bench.py:VARIANT`) reads the
+`synthetic_latent_text` dataset, built on first use in the local data dir with the variant's shapes (latents
+`data.video_shape`, text `data.text_len` x `model.text_dim`): moving_shapes clips as latents and fixed per-word
+embeddings of their captions (vdit_jax/data/latent_text.py), so a run really learns. Point `config.data.name` at
+another prepared array_record dataset with `video`, `text` and `text_mask` features to train on real latents.
 
 tiny     CPU, seconds, runs in CI: a width-64 2-block DiT on 4x16x16x4 latents, patch 1x4x4 -> 64 tokens, batch 4,
          8 text tokens of width 32.
@@ -23,6 +28,7 @@ xl_long  The XL DiT on 65,536 tokens: latent 16x128x128x4, patch 1x2x2 -> 16 fra
 """
 
 from vdit_jax import config as config_lib
+from vdit_jax.data import latent_text
 from vdit_jax.models import dit
 
 VARIANTS = ("tiny", "S1", "S2", "xl_long")
@@ -33,6 +39,9 @@ def get_config(arg: str = "tiny"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown bench variant {variant!r}; allowed: {list(VARIANTS)}")
     c = config_lib.base_config()
+    # Latent videos with text embeddings and masks, shaped by each variant below (vdit_jax/data/latent_text.py).
+    c.data.name = latent_text.NAME
+    c.sample.clip_x0 = 0.0  # latents are not confined to [-1, 1]: no x0 clipping
     c.data.num_classes = 0
     c.data.label_key = ""
     c.model.num_classes = 0

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from tests import helpers
@@ -144,3 +146,26 @@ def test_a_model_too_big_for_hbm_does_not_fit():
     assert "RESOURCE_EXHAUSTED" in result.error
     assert "does not fit" in dry_run.format_report(result)
     assert result.flops_per_chip_unrolled > 0  # FLOPs are still counted, from an unrolled CPU lowering
+
+
+@needs_libtpu
+def test_text_model_with_masks_compiles_for_tpu():
+    """A text model's step (batch with a bool text mask) compiled for a v4-8: the splash kernel masks padded text
+    through per-example segment ids on the real TPU compiler."""
+    config = helpers.tiny_config()
+    config.data.num_classes = config.model.num_classes = 0
+    config.model.update(dict(text_dim=16, depth=1))
+    config.data.text_len = 6
+    batch = dry_run.abstract_batch(config, *_cpu_mesh(config))
+    assert batch["text_mask"].dtype == np.bool_ and batch["text_mask"].shape == (8, 6)
+    assert dry_run.for_tpu(config).model.attention_impl == "splash"  # what `run` compiles
+    result = dry_run.run(config, topology.parse("v4-8"), {"data": 4}, max_tries=1)
+    assert result.fits and result.error is None
+    assert result.flops_per_chip > 0
+
+
+def _cpu_mesh(config):
+    from vdit_jax.parallel import mesh as mesh_lib
+    from vdit_jax.parallel import sharding as sh
+
+    return mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]), sh.rules_from_config(config.logical_axis_rules)

@@ -14,7 +14,10 @@ import pytest
 from configs import bench as bench_configs
 from vdit_jax import bench
 from vdit_jax import config as config_lib
+from vdit_jax.data import sources
 from vdit_jax.models import dit
+from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.parallel import sharding as sh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,3 +122,24 @@ def test_peak_tflops_by_device_kind():
     assert bench.peak_tflops("TPU v5p") == 459.0 and bench.peak_tflops("TPU v5") == 459.0
     assert bench.peak_tflops("TPU v6 lite") == 918.0 and bench.peak_tflops("TPU v4") == 275.0
     assert bench.peak_tflops("cpu") is None
+
+
+def test_synthetic_batch_has_prefix_text_masks():
+    config = bench_configs.get_config("tiny")
+    mesh = mesh_lib.make_mesh(config.mesh_shape.to_dict(), jax.devices()[:1])
+    batch = bench.synthetic_batch(config, mesh, sh.rules_from_config(config.logical_axis_rules), jax.random.key(0))
+    assert set(batch) == {"video", "label", "text", "text_mask"}
+    mask = np.asarray(batch["text_mask"])
+    assert mask.dtype == np.bool_ and mask.shape == (4, 8)
+    lengths = mask.sum(1)
+    assert (lengths >= 1).all() and all(mask[i, :n].all() for i, n in enumerate(lengths))  # real-token prefixes
+
+
+def test_workloads_train_on_the_synthetic_latent_text_dataset():
+    for variant in bench_configs.VARIANTS:
+        config = bench_configs.get_config(variant)
+        assert config.data.name == sources.SYNTHETIC_LATENT_TEXT and config.sample.clip_x0 == 0.0
+        builder = sources.latent_text_config(config)  # shaped by the variant: the dataset matches the model
+        assert tuple(builder.video_shape) == tuple(config.data.video_shape)
+        assert (builder.text_len, builder.text_dim) == (config.data.text_len, config.model.text_dim)
+    assert sources.latent_text_config(bench_configs.get_config("S2")).name == "16x32x32x4-text120x4096"

@@ -33,6 +33,8 @@ class ListSource:
             video = video[:, :2]
         elif problem == "dtype":
             video = video.astype(np.float32)
+        elif problem == "int16":
+            video = video.astype(np.int16)
         elif problem == "missing":
             return {"label": i}
         return {"video": video, "label": i}
@@ -205,9 +207,89 @@ def test_bad_arguments_are_named(kwargs, match):
         pipeline.make_dataset(ListSource(8), **args)
 
 
-def test_non_uint8_videos_are_rejected_up_front():
-    with pytest.raises(ValueError, match="uint8"):
-        pipeline.make_dataset(ListSource(8, bad={0: "dtype"}), global_batch_size=2, seed=0)
+def test_videos_other_than_pixels_or_latents_are_rejected_up_front():
+    with pytest.raises(ValueError, match="dtype int16; the pipeline reads uint8 pixels or float latents"):
+        pipeline.make_dataset(ListSource(8, bad={0: "int16"}), global_batch_size=2, seed=0)
+
+
+# ---------------------------------------------------------------- latents and extra fields (text, text_mask)
+
+L, D = 5, 3
+
+
+class TextSource:
+    """Record i: float latents [T, S, S, 2] equal to i (beyond [-1, 1]), text [L, D] equal to i on its first
+    1 + i % L tokens and 0 on the padding, text_mask True on those tokens; `bad` maps an index to a problem."""
+
+    def __init__(self, n, bad=None):
+        self.n = n
+        self.bad = bad or {}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        mask = np.arange(L) < 1 + i % L
+        record = {
+            "video": np.full((T, S, S, 2), i, np.float32),
+            "text": np.where(mask[:, None], np.float32(i), np.float32(0)) * np.ones((L, D), np.float32),
+            "text_mask": mask,
+            "label": i,
+        }
+        problem = self.bad.get(i)
+        if problem == "text_shape":
+            record["text"] = record["text"][:2]
+        elif problem == "mask_dtype":
+            record["text_mask"] = mask.astype(np.int32)
+        elif problem == "no_mask":
+            del record["text_mask"]
+        return record
+
+
+EXTRA = {"text": (L, D), "text_mask": (L,)}
+
+
+def test_float_latents_and_extra_fields_are_batched():
+    ds = pipeline.make_dataset(TextSource(12), global_batch_size=4, seed=0, shuffle=False, extra_shapes=EXTRA)
+    batch = next(iter(ds))
+    assert batch.keys() == {"video", "label", "text", "text_mask"}
+    assert batch["video"].dtype == np.float32 and batch["video"].shape == (4, T, S, S, 2)
+    assert batch["text"].dtype == np.float32 and batch["text"].shape == (4, L, D)
+    assert batch["text_mask"].dtype == np.bool_ and batch["text_mask"].shape == (4, L)
+    for i in range(4):  # unshuffled: records 0..3, latents passed through as stored (no [-1, 1] scaling)
+        record = TextSource(12)[i]
+        np.testing.assert_array_equal(batch["video"][i], record["video"])
+        np.testing.assert_array_equal(batch["text"][i], record["text"])
+        np.testing.assert_array_equal(batch["text_mask"][i], record["text_mask"])
+    assert batch["text_mask"].sum(1).tolist() == [1, 2, 3, 4]
+    # The temporal crop applies to the video only.
+    cropped = next(
+        iter(pipeline.make_dataset(TextSource(12), global_batch_size=2, seed=0, num_frames=3, extra_shapes=EXTRA))
+    )
+    assert cropped["video"].shape == (2, 3, S, S, 2) and cropped["text"].shape == (2, L, D)
+
+
+def test_bad_extra_fields_are_skipped_and_counted():
+    bad = {1: "text_shape", 2: "mask_dtype", 4: "no_mask"}
+    ds = pipeline.make_dataset(
+        TextSource(12, bad), global_batch_size=4, seed=0, shuffle=False, num_epochs=1, extra_shapes=EXTRA
+    )
+    it = iter(ds)
+    ids = sum((_record_ids(b) for b in it), [])
+    assert ids == [0, 3, 5, 6, 7, 8, 9, 10]
+    assert it.num_skipped == 3
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"text": (4, 3)}, r"extra_shapes\['text'\]=\(4, 3\) but feature 'text' has shape \(5, 3\)"),
+        ({"tokens": None}, r"extra_shapes key='tokens' is not a feature of the source; available keys: \['label', "),
+    ],
+)
+def test_bad_extra_shapes_are_named(extra, match):
+    with pytest.raises(ValueError, match=match):
+        pipeline.make_dataset(TextSource(8), global_batch_size=2, seed=0, extra_shapes=extra)
 
 
 def test_bad_records_are_skipped_and_counted():

@@ -1,4 +1,4 @@
-"""The attention entry point: padded/masked kernel paths, splash in interpret mode, sequence parallelism."""
+"""The attention entry point: padded/masked kernel paths, key masks, splash in interpret mode, sequence parallelism."""
 
 import flax.linen as nn
 import jax
@@ -12,10 +12,19 @@ from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 
 
-def reference(q, k, v):
-    """Softmax attention written out in float32 (no JAX attention function involved)."""
+def reference(q, k, v, kv_mask=None):
+    """Softmax attention written out in float32 (no JAX attention function involved); a query with no real key
+    gets zeros."""
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") / np.sqrt(q.shape[-1])
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v, precision="highest")
+    if kv_mask is None:
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v, precision="highest")
+    mask = kv_mask[:, None, None, :]
+    weights = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1) * mask  # all-masked rows: zero weights
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision="highest")
+
+
+# [4, 9] key masks: a prefix, scattered tokens, none at all, all.
+MASK = np.array([[1, 1, 1, 0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 1, 0, 1, 0, 0], [0] * 9, [1] * 9], bool)
 
 
 def qkv(b, lq, lk, h, d, seed=0):
@@ -72,6 +81,54 @@ def test_splash_interpret_gradients_match_plain():
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_key_mask_every_implementation(impl):
+    """Masked keys get no attention on every implementation that runs on the CPU (splash interpreted); a query
+    with no real key gets zeros; values and gradients are finite and match the reference."""
+    q, k, v = qkv(4, 37, 9, 2, 16, seed=6)
+    mask = jnp.asarray(MASK)
+    w = jax.random.normal(jax.random.key(7), q.shape)
+    fn = lambda q, k, v: attention.attend(q, k, v, kv_mask=mask, implementation=impl, interpret=True)
+    out = fn(q, k, v)
+    np.testing.assert_allclose(out, reference(q, k, v, mask), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out[2], 0.0)
+    # Padded keys take no part: extra keys beyond 9, whatever their values, change nothing when masked.
+    k2, v2 = (jnp.concatenate([a, 5 * jnp.ones_like(a[:, :4])], axis=1) for a in (k, v))
+    padded = attention.attend(q, k2, v2, kv_mask=jnp.pad(mask, ((0, 0), (0, 4))), implementation=impl, interpret=True)
+    np.testing.assert_allclose(padded, out, rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)
+    got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: reference(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    for g, e in zip(got, want, strict=True):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_padded_xla_and_cudnn_compaction():
+    """The kernels' padded path with a key mask; cuDNN's reformulation (real keys moved to the front, masked by
+    length) computed with XLA, since cuDNN itself needs an NVIDIA GPU."""
+    q, k, v = qkv(4, 37, 9, 2, 16, seed=8)
+    mask = jnp.asarray(MASK[[0, 1, 3, 1]])  # no empty row: the kernels are called after `attend` handles those
+    want = reference(q, k, v, mask)
+    np.testing.assert_allclose(attention.xla_attention(q, k, v, block=64, kv_mask=mask), want, rtol=1e-5, atol=1e-5)
+    kc, vc, lengths = attention.compact_keys(k, v, mask)
+    np.testing.assert_array_equal(lengths, [3, 4, 9, 4])
+    np.testing.assert_array_equal(kc[1, :4], k[1, jnp.array([1, 3, 4, 6])])  # real keys first, in order
+    out = jax.nn.dot_product_attention(q, kc, vc, key_value_seq_lengths=lengths, implementation="xla")
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"kv_mask must be \[B, Lk\] = \(4, 9\), got \(4, 8\)"):
+        attention.attend(q, k, v, kv_mask=mask[:, :8])
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_key_mask_matches_plain():
+    q, k, v = (a.astype(jnp.bfloat16) for a in qkv(4, 300, 9, 2, 64, seed=10))
+    mask = jnp.asarray(MASK)
+    out = attention.attend(q, k, v, kv_mask=mask, implementation="cudnn")
+    want = reference(*(a.astype(jnp.float32) for a in (q, k, v)), mask)
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
 def test_attend_rejects_unknown_sequence_parallel():
     q, k, v = qkv(1, 8, 8, 1, 8)
     with pytest.raises(ValueError, match="sequence_parallel 'scatter' is not one of"):
@@ -84,26 +141,51 @@ AXES = (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV)
 @pytest.mark.parametrize("mode", attention.SEQUENCE_PARALLEL)
 @pytest.mark.parametrize("impl", ["xla", "splash"])
 def test_sequence_parallel_attention_matches_unsharded(mode, impl):
-    """Tokens split 4 ways over `sequence` (batch 2 ways over `data`): outputs and q/k/v gradients equal."""
+    """Tokens split 4 ways over `sequence` (batch 2 ways over `data`), with a key mask (one example with scattered
+    real keys, one with none): outputs and q/k/v gradients equal the unsharded reference."""
     assert jax.device_count() == 8
     q, k, v = qkv(2, 64, 64, 2, 16, seed=4)
+    mask = jnp.asarray(np.random.default_rng(0).random((2, 64)) < 0.3).at[1].set(False)
     w = jax.random.normal(jax.random.key(5), q.shape)
     mesh = mesh_lib.make_mesh({"data": 2, "sequence": 4})
 
-    def loss(q, k, v):
-        out = attention.attend(q, k, v, implementation=impl, sequence_parallel=mode, q_axes=AXES, interpret=True)
+    def loss(q, k, v, mask):
+        out = attention.attend(
+            q, k, v, kv_mask=mask, implementation=impl, sequence_parallel=mode, q_axes=AXES, interpret=True
+        )
         return jnp.sum(out * w), out
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sh.default_rules()):
         spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "sequence"))
-        args = [jax.device_put(a, spec) for a in (q, k, v)]
+        args = [jax.device_put(a, spec) for a in (q, k, v, mask)]
         (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
         hlo = jax.jit(loss).lower(*args).compile().as_text()
     assert ("collective-permute" if mode == "ring" else "all-gather") in hlo
-    np.testing.assert_allclose(out, reference(q, k, v), rtol=1e-5, atol=1e-5)
-    want = jax.grad(lambda q, k, v: jnp.sum(reference(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[1], 0.0)
+    want = jax.grad(lambda q, k, v: jnp.sum(reference(q, k, v, mask) * w), argnums=(0, 1, 2))(q, k, v)
     for g, e in zip(grads, want, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_masked_cross_attention_kernel_per_shard():
+    """Splash cross-attention under a mesh (queries split over `sequence`, text keys whole): the kernel runs per
+    shard inside shard_map with its shard of the key mask."""
+    q, k, v = qkv(2, 64, 9, 2, 16, seed=11)
+    mask = jnp.asarray(MASK[:2])
+    mesh = mesh_lib.make_mesh({"data": 2, "sequence": 4})
+    kv_axes = (sh.BATCH, sh.TEXT_LENGTH, sh.ACT_HEADS, sh.ACT_KV)
+    fn = lambda q, k, v, m: attention.attend(
+        q, k, v, kv_mask=m, implementation="splash", q_axes=AXES, kv_axes=kv_axes, interpret=True
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sh.default_rules()):
+        out = jax.jit(fn)(
+            jax.device_put(q, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "sequence"))),
+            k,
+            v,
+            mask,
+        )
+    np.testing.assert_allclose(out, reference(q, k, v, mask), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -114,29 +196,30 @@ def test_sequence_parallel_attention_matches_unsharded(mode, impl):
     ],
 )
 def test_sequence_parallel_dit_matches_single_device(mode, mesh_shape):
-    """The whole DiT (full attention, RoPE, text cross-attention) with its tokens split over `sequence`: the same
-    output and parameter gradients as on one device."""
+    """The whole DiT (full attention, RoPE, text cross-attention with a text mask) with its tokens split over
+    `sequence`: the same output and parameter gradients as on one device."""
     cfg = tiny(attention="full", hidden_size=64, num_heads=4, pos_emb="sincos+rope", sequence_parallel=mode)
     cfg = dit.DiTConfig(**{**cfg.__dict__, "text_dim": 16})
     shape = (4, 4, 16, 16, 3)
     x, t, labels = inputs(shape)
     text = jax.random.normal(jax.random.key(7), (4, 5, 16))
+    text_mask = jnp.arange(5)[None] < jnp.array([[5], [2], [0], [4]])  # [4, 5]: one example with no real token
     params = nn.unbox(randomize(dit.init_params(cfg, jax.random.key(0), shape)))
     target = jax.random.normal(jax.random.key(8), shape)
 
-    def loss(p, x, t, y, c):
-        out = dit.DiT(cfg).apply(p, x, t, y, c)
+    def loss(p, x, t, y, c, m):
+        out = dit.DiT(cfg).apply(p, x, t, y, c, None, m)
         return jnp.mean((out - target) ** 2), out
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
-    (_, expected), expected_grads = jax.jit(grad_fn)(params, x, t, labels, text)
+    (_, expected), expected_grads = jax.jit(grad_fn)(params, x, t, labels, text, text_mask)
     mesh = mesh_lib.make_mesh(mesh_shape)
     rules = sh.default_rules()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         batch = lambda a: jax.device_put(a, sh.batch_sharding(mesh, rules, a.ndim))
         fn = jax.jit(grad_fn)
-        (_, out), grads = fn(params, *(batch(a) for a in (x, t, labels, text)))
-        hlo = fn.lower(params, *(batch(a) for a in (x, t, labels, text))).compile().as_text()
+        (_, out), grads = fn(params, *(batch(a) for a in (x, t, labels, text, text_mask)))
+        hlo = fn.lower(params, *(batch(a) for a in (x, t, labels, text, text_mask))).compile().as_text()
     assert ("collective-permute" if mode == "ring" else "all-gather") in hlo
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     flat = jax.tree.leaves_with_path(grads)

@@ -1,4 +1,5 @@
-"""Text cross-attention in the DiT, remat policies (offload), bf16 parameters, and the text train step."""
+"""Text cross-attention in the DiT (text masks included), remat policies (offload), bf16 parameters, and the text
+train step."""
 
 import functools
 
@@ -12,7 +13,8 @@ import pytest
 from tests import helpers
 from tests.models_dit_test import _unstack_scanned, randomize
 from vdit_jax import config as config_lib
-from vdit_jax.models import dit
+from vdit_jax import inference
+from vdit_jax.models import attention, dit
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import state as state_lib
@@ -39,8 +41,8 @@ init = jax.jit(dit.init_params, static_argnums=(0, 2))  # (config, rng, video_sh
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def apply(cfg, params, x, t, text):
-    return dit.DiT(cfg).apply(params, x, t, None, text)
+def apply(cfg, params, x, t, text, text_mask=None):
+    return dit.DiT(cfg).apply(params, x, t, None, text, None, text_mask)
 
 
 def test_shapes_zero_output_and_text_dependence():
@@ -83,14 +85,18 @@ def test_text_is_required_and_checked():
 
 
 def test_scan_and_offload_remat_match_unrolled():
-    """Scanned + offload-remat blocks compute what unrolled blocks do; remat leaves the gradients unchanged."""
+    """Scanned + offload-remat blocks compute what unrolled blocks do (the text mask broadcast to every scanned
+    block); remat leaves the gradients unchanged."""
     kw = dict(depth=3, pos_emb="rope")
     plain, scanned = tiny(**kw), tiny(scan_layers=True, remat="offload", **kw)
     x, t, text = inputs()
+    mask = jnp.arange(TEXT_LEN)[None] < jnp.array([[2], [5]])
     p_scan = randomize(init(scanned, jax.random.key(0), VIDEO))
     p_plain = _unstack_scanned(p_scan, plain)
-    np.testing.assert_allclose(apply(scanned, p_scan, x, t, text), apply(plain, p_plain, x, t, text), atol=1e-5)
-    loss = lambda c: lambda p: jnp.mean(apply(c, p, x, t, text) ** 2)
+    out = apply(scanned, p_scan, x, t, text, mask)
+    np.testing.assert_allclose(out, apply(plain, p_plain, x, t, text, mask), atol=1e-5)
+    assert float(jnp.abs(out - apply(scanned, p_scan, x, t, text)).max()) > 1e-4  # the mask reached the blocks
+    loss = lambda c: lambda p: jnp.mean(apply(c, p, x, t, text, mask) ** 2)
     g_plain = jax.jit(jax.grad(loss(plain)))(p_plain)
     g_remat = jax.jit(jax.grad(loss(tiny(remat="offload", **kw))))(p_plain)
     chex.assert_trees_all_close(g_plain, g_remat, atol=1e-6)
@@ -99,14 +105,73 @@ def test_scan_and_offload_remat_match_unrolled():
 
 def test_drop_text():
     text = jnp.ones((4000, 3, 2))
-    dropped = dit.drop_text(jax.random.key(0), text, 0.25)
+    mask = jnp.zeros((4000, 3), bool).at[:, 0].set(True)
+    dropped, dropped_mask = dit.drop_text(jax.random.key(0), text, 0.25, mask)
     per_example = jnp.all(dropped == 0, axis=(1, 2))
     assert jnp.all(per_example | jnp.all(dropped == 1, axis=(1, 2)))  # whole examples, never parts
     assert 0.22 < float(jnp.mean(per_example)) < 0.28
-    chex.assert_trees_all_equal(dit.drop_text(jax.random.key(0), text, 0.0), text)
+    # The null text is zeros with the mask all True; kept examples keep their mask.
+    np.testing.assert_array_equal(dropped_mask, jnp.where(per_example[:, None], True, mask))
+    chex.assert_trees_all_equal(dit.drop_text(jax.random.key(0), text, 0.0, mask), (text, mask))
+    assert dit.drop_text(jax.random.key(0), text, 0.5)[1] is None  # no mask in, none out
+    null, null_mask = dit.null_text(2, 3, 2)
+    chex.assert_trees_all_equal((null, null_mask), (jnp.zeros((2, 3, 2)), jnp.ones((2, 3), bool)))
+
+
+@pytest.fixture(scope="module")
+def masked_model():
+    """A random-weight text DiT (RoPE, 2 blocks) and inputs: text whose examples have 3 and 5 real tokens."""
+    cfg = tiny(pos_emb="sincos+rope")
+    params = randomize(init(cfg, jax.random.key(0), VIDEO))
+    x, t, text = inputs()
+    mask = jnp.arange(TEXT_LEN)[None] < jnp.array([[3], [5]])  # [B, L]: prefixes of 3 and 5 tokens
+    return cfg, params, x, t, text, mask
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_text_mask_ignores_padding(masked_model, impl, monkeypatch):
+    """Padding the same text to a longer L (mask False on the padding, whatever the padded values) leaves the
+    output unchanged; masked text equals the explicitly truncated text; a wholly masked example and the null text
+    give finite outputs and gradients. Splash runs in the Pallas interpreter on the CPU."""
+    if impl == "splash":
+        kernel = attention.splash_attention
+        monkeypatch.setattr(attention, "splash_attention", lambda *a, interpret, **kw: kernel(*a, interpret=True, **kw))
+    cfg, params, x, t, text, mask = masked_model
+    cfg = dit.DiTConfig(**{**cfg.__dict__, "attention_impl": impl})
+    out = apply(cfg, params, x, t, text, mask)
+    garbage = jax.random.normal(jax.random.key(9), (2, 7, TEXT_DIM))
+    longer = apply(cfg, params, x, t, jnp.concatenate([text, garbage], 1), jnp.pad(mask, ((0, 0), (0, 7))))
+    np.testing.assert_allclose(longer, out, atol=1e-5)
+    # Example 0 with its text cut to its 3 real tokens and no mask.
+    truncated = apply(cfg, params, x[:1], t[:1], text[:1, :3])
+    np.testing.assert_allclose(truncated[0], out[0], atol=1e-5)
+    # The mask matters: the same text with every token real gives another output.
+    assert float(jnp.abs(apply(cfg, params, x, t, text, jnp.ones_like(mask)) - out).max()) > 1e-3
+    # No real token at all (example 0) and the null text: finite values and gradients.
+    empty = mask.at[0].set(False)
+    null, null_mask = dit.null_text(2, TEXT_LEN, TEXT_DIM)
+    loss = lambda p, tx, m: jnp.mean(apply(cfg, p, x, t, tx, m) ** 2)
+    for tx, m in ((text, empty), (null, null_mask)):
+        value, grads = jax.value_and_grad(loss)(params, tx, m)
+        chex.assert_tree_all_finite((value, grads))
+
+
+def test_null_text_does_not_depend_on_length(masked_model):
+    cfg, params, x, t, _, _ = masked_model
+    short, long = (dit.null_text(2, n, TEXT_DIM) for n in (1, 9))
+    np.testing.assert_allclose(apply(cfg, params, x, t, *short), apply(cfg, params, x, t, *long), atol=1e-5)
+
+
+def test_text_mask_is_checked(masked_model):
+    cfg, params, x, t, text, mask = masked_model
+    with pytest.raises(ValueError, match=r"text_mask must be bool \[B, L\] = \(2, 5\), got int32"):
+        apply(cfg, params, x, t, text, mask.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"text_mask must be bool .* got bool \(2, 4\)"):
+        apply(cfg, params, x, t, text, mask[:, :4])
 
 
 def text_config(**model_overrides):
+    """The tiny trainer config with text [5, 24] instead of classes."""
     c = helpers.tiny_config(**model_overrides)
     c.data.num_classes = c.model.num_classes = 0
     c.model.text_dim = TEXT_DIM
@@ -117,10 +182,14 @@ def text_config(**model_overrides):
 
 
 def text_batches(config, n):
+    """Random batches with text of varying real lengths (1..L tokens, the rest padding marked False)."""
     out = []
+    b, length = config.train.global_batch_size, config.data.text_len
     for i, batch in enumerate(helpers.random_batches(config, n)):
-        shape = (config.train.global_batch_size, config.data.text_len, config.model.text_dim)
-        out.append(dict(batch, text=jax.random.normal(jax.random.key(100 + i), shape)))
+        k1, k2 = jax.random.split(jax.random.key(100 + i))
+        text = jax.random.normal(k1, (b, length, config.model.text_dim))
+        mask = jnp.arange(length)[None] < jax.random.randint(k2, (b, 1), 1, length + 1)
+        out.append(dict(batch, text=text, text_mask=mask))
     return out
 
 
@@ -146,13 +215,17 @@ def test_text_train_step_sharded_equals_single_device():
     config_lib.validate(config, 8)
     batches = text_batches(config, 3)
     negated = [dict(b, text=-b["text"]) for b in batches]
-    (_, single), (_, other) = run_steps(config, jax.devices()[:1], batches, negated)
+    # Only the padding differs: masked tokens must not change any loss.
+    repadded = [dict(b, text=jnp.where(b["text_mask"][..., None], b["text"], 7.0)) for b in batches]
+    (_, single), (_, other), (_, padded) = run_steps(config, jax.devices()[:1], batches, negated, repadded)
     config.mesh_shape.update({"data": 2, "fsdp": 2, "tensor": 2})
     state, sharded = run_steps(config, jax.devices(), batches)
     for a, b in zip(single, sharded, strict=True):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
     assert single[0]["grad_norm"] > 0
+    for a, b in zip(single, padded, strict=True):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     # The text projection's kernel [text_embed, embed] is split over fsdp along the model width.
     kernel = state.params["text_embed"]["proj_in"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
@@ -177,3 +250,37 @@ def test_bf16_params_train_a_step():
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
     assert all(np.isfinite(m["loss"]) and float(m["finite"]) == 1.0 for m in metrics)
     assert int(state.step) == 2 and float(metrics[1]["grad_norm"]) > 0
+
+
+def test_sample_text_model_returns_latents_and_ignores_padding():
+    """`inference.sample` of a latent text model: float32 latents [N, T, H, W, 4]; texts padded to a longer L (mask
+    False on the padding) give the same samples, guidance included (the null text does not depend on L); no text
+    is a clear error."""
+    config = text_config(in_channels=4)
+    config.data.video_shape = (4, 8, 8, 4)
+    config.sample.update(steps=2, guidance=3.0, clip_x0=0.0)
+    shape = (1, *config_lib.input_shape(config))
+    params = nn.unbox(randomize(init(config_lib.model_config(config), jax.random.key(0), shape)))["params"]
+    text = np.asarray(jax.random.normal(jax.random.key(1), (3, TEXT_LEN, TEXT_DIM)))
+    mask = np.arange(TEXT_LEN)[None] < np.array([[5], [2], [3]])
+    out = inference.sample(config, params, None, jax.random.key(2), text=text, text_mask=mask)
+    assert out.dtype == np.float32 and out.shape == (3, 4, 8, 8, 4)
+    assert np.isfinite(out).all() and float(np.abs(out).max()) > 1.0  # raw latents: not clipped to [-1, 1]
+    padded = np.concatenate([text, np.ones((3, 4, TEXT_DIM), np.float32)], axis=1)
+    padded_mask = np.pad(mask, ((0, 0), (0, 4)))
+    again = inference.sample(config, params, None, jax.random.key(2), text=padded, text_mask=padded_mask)
+    np.testing.assert_allclose(again, out, atol=1e-4)
+    with pytest.raises(ValueError, match="this model is text-conditional .*pass text"):
+        inference.sample(config, params, np.zeros(3, np.int32), jax.random.key(2))
+    with pytest.raises(ValueError, match="got 2 labels but 3 texts"):
+        inference.sample(config, params, np.zeros(2, np.int32), jax.random.key(2), text=text)
+
+
+def test_sample_rgb_model_returns_uint8_pixels():
+    config = helpers.tiny_config()
+    config.model.depth = 1
+    config.sample.steps = 2
+    shape = (1, *config_lib.input_shape(config))
+    params = nn.unbox(randomize(init(config_lib.model_config(config), jax.random.key(0), shape)))["params"]
+    out = inference.sample(config, params, np.array([0, 3]), jax.random.key(0))
+    assert out.dtype == np.uint8 and out.shape == (2, 4, 8, 8, 3) and out.max() > out.min()

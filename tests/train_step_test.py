@@ -108,3 +108,15 @@ def test_config_loss_and_timestep_sampling_reach_the_step():
     assert not np.allclose(l1[:, 0], l1[:, 1])
     np.testing.assert_allclose(losses(timestep_sampling="uniform"), mse, rtol=1e-6)
     assert not np.allclose(losses(timestep_sampling="logit_normal", timestep_logit_mean=-2.0)[0, 1], mse[0, 1])
+
+
+def test_batch_shapes_carry_the_text_mask_of_text_models():
+    config = helpers.tiny_config()
+    assert set(step_lib.batch_shapes(config)) == {"video", "label"}
+    config.model.text_dim, config.data.text_len = 16, 6
+    shapes = step_lib.batch_shapes(config)
+    assert shapes["text"] == jax.ShapeDtypeStruct((8, 6, 16), jnp.float32)
+    assert shapes["text_mask"] == jax.ShapeDtypeStruct((8, 6), jnp.bool_)
+    mesh = mesh_lib.make_mesh({"data": 8}, jax.devices())
+    shardings = step_lib.batch_shardings(config, mesh, sh.rules_from_config(config.logical_axis_rules))
+    assert shardings["text_mask"].spec[0] in ("data", ("data", "fsdp"))  # split over the batch like the rest

@@ -201,8 +201,12 @@ def _time_calls(fn: Callable[[], Any], steps: int) -> list[float]:
 
 
 def _random(rng, shape_dtype: jax.ShapeDtypeStruct, sharding) -> jax.Array:
-    """A synthetic array created straight on the devices with `sharding`."""
-    if jnp.issubdtype(shape_dtype.dtype, jnp.integer):
+    """A synthetic array created straight on the devices with `sharding`; a bool [B, L] array is a text mask: a
+    prefix of 1..L real tokens per example, as padded text is."""
+    shape = shape_dtype.shape
+    if shape_dtype.dtype == jnp.bool_:
+        make = lambda r: jnp.arange(shape[-1]) < jax.random.randint(r, (*shape[:-1], 1), 1, shape[-1] + 1)
+    elif jnp.issubdtype(shape_dtype.dtype, jnp.integer):
         make = lambda r: jax.random.randint(r, shape_dtype.shape, 0, 2, shape_dtype.dtype)
     else:
         make = lambda r: jax.random.uniform(r, shape_dtype.shape, shape_dtype.dtype, -1.0, 1.0)
@@ -265,7 +269,9 @@ def init_params(config, mesh, rules, rng):
 def _apply_fn(mc: dit.DiTConfig):
     """(params, x, t, cond) -> prediction; one function object per model config, so jit caches hit."""
     model = dit.DiT(mc)
-    return lambda params, x, t, cond: model.apply({"params": params}, x, t, cond.get("label"), cond.get("text"))
+    return lambda params, x, t, cond: model.apply(
+        {"params": params}, x, t, cond.get("label"), cond.get("text"), None, cond.get("text_mask")
+    )
 
 
 def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
@@ -280,7 +286,8 @@ def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
     if mc.num_classes:
         cond["label"], null["label"] = batch["label"], jnp.full((1,), mc.num_classes, jnp.int32)
     if mc.text_dim:
-        cond["text"], null["text"] = batch["text"], jnp.zeros((1, *batch["text"].shape[1:]), jnp.float32)
+        cond["text"], cond["text_mask"] = batch["text"], batch["text_mask"]
+        null["text"], null["text_mask"] = dit.null_text(1, config.data.text_len, mc.text_dim)
     guidance = config.sample.guidance
     apply_fn = Partial(_apply_fn(mc), params)
     model_fn = diffusion.cfg_model_fn(apply_fn, cond, null, guidance)

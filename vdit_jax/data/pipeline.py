@@ -4,6 +4,7 @@
                                process_index=jax.process_index(), process_count=jax.process_count())
     it = iter(ds)
     batch = next(it)        # {"video": float32 [b, T', H, W, C] in [-1, 1], "label": int32 [b]}, b = 32 // count
+                            # (+ extra fields, e.g. extra_shapes={"text": (L, D), "text_mask": (L,)})
     state = it.get_state()  # JSON-able; `it.set_state(state)` resumes exactly (also via grain's orbax handler)
     it.num_skipped          # bad records skipped so far by this iterator (part of the state)
 
@@ -14,6 +15,10 @@ Stages (all lazy, random access until the last):
   -> check + crop:                            wrong key/shape/dtype -> _Bad; a random temporal crop drawn from
                                               rng(seed, global position), so it is the same on every process count
   -> prefetch threads -> skip bad records (counted, logged) and batch b, converting uint8 -> float32 [-1, 1]
+
+Videos are uint8 pixels (scaled to [-1, 1]) or float latents (passed through as float32). Extra fields (`text`
+float [L, D], `text_mask` bool [L], ...) are checked like the video (shape and dtype of the source's features) and
+batched under their own names: floats as float32, bools as bool, integers as int32.
 
 With no bad records, process p's batch k is exactly rows [p*b, (p+1)*b) of global batch k, so the processes'
 batches are disjoint and together form the global batch. A skipped record shifts that process's later rows by one
@@ -60,13 +65,14 @@ def make_dataset(
     shuffle: bool = True,
     num_epochs: int | None = None,
     video_shape: tuple[int, ...] | None = None,
+    extra_shapes: Mapping[str, tuple[int, ...] | None] | None = None,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.IterDataset:
     """This process's share of a shuffled, repeated, batched video pipeline.
 
     Args:
       source: random access (`len`, `[i]` -> dict), e.g. `tfds.data_source(...)` of an array_record dataset; the
-        video feature is uint8 [T, H, W, C].
+        video feature is uint8 pixels or float latents [T, H, W, C].
       global_batch_size: B, the batch over all processes.
       seed: drives the shuffle and the temporal crops.
       process_index, process_count: this process gets b = B / process_count rows of every global batch.
@@ -76,11 +82,15 @@ def make_dataset(
       shuffle: shuffle each epoch (False: source order).
       num_epochs: None repeats forever; otherwise the last incomplete global batch is dropped.
       video_shape: expected stored shape (T, H, W, C); default from the source's TFDS features, else record 0.
+      extra_shapes: further features to batch under their own names, each with its expected stored shape (None =
+        whatever the source's features say), e.g. {"text": (L, D), "text_mask": (L,)}; their dtypes come from the
+        source's features (else record 0) and must be float, bool or integer.
       read_options: grain prefetch threads/buffer (default 4 threads, a buffer of a few batches).
 
     Returns:
-      A `grain.IterDataset`; its iterators yield {"video": float32 [b, T', H, W, C] in [-1, 1], "label": int32 [b]}
-      and have `get_state()` / `set_state()` / `num_skipped`.
+      A `grain.IterDataset`; its iterators yield {"video": float32 [b, T', H, W, C] (uint8 pixels scaled to
+      [-1, 1], float latents as stored), "label": int32 [b], and each extra field [b, ...]} and have `get_state()` /
+      `set_state()` / `num_skipped`.
     """
     _check_positive(global_batch_size=global_batch_size, process_count=process_count, frame_stride=frame_stride)
     if not 0 <= process_index < process_count:
@@ -97,7 +107,8 @@ def make_dataset(
     if len(source) == 0:
         raise ValueError("the source is empty")
 
-    shape = _expected_shape(source, feature_key, label_key, video_shape)
+    specs = _feature_specs(source, feature_key, label_key, video_shape, extra_shapes or {})
+    (shape, video_dtype), extras = specs[feature_key], tuple((k, *specs[k]) for k in (extra_shapes or {}))
     length = (shape[0] - 1) // frame_stride + 1 if num_frames is None else num_frames
     _check_positive(num_frames=length)
     window = (length - 1) * frame_stride + 1
@@ -107,7 +118,7 @@ def make_dataset(
             f"but the videos have {shape[0]} (feature {feature_key!r} of shape {shape})"
         )
     local_batch = global_batch_size // process_count
-    check = _CheckAndCrop(feature_key, label_key, shape, length, frame_stride, seed)
+    check = _CheckAndCrop(feature_key, label_key, shape, video_dtype, length, frame_stride, seed, extras)
 
     ds = grain.MapDataset.source(_SafeSource(source))
     if shuffle:
@@ -117,7 +128,7 @@ def make_dataset(
     ds = ds.map(check)
     read_options = read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(64, 4 * local_batch))
     ds = ds.to_iter_dataset(read_options)
-    return _SkipBadAndBatch(ds, local_batch, with_label=label_key is not None)
+    return _SkipBadAndBatch(ds, local_batch)
 
 
 def _check_positive(**values: int) -> None:
@@ -126,32 +137,46 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name}={value} must be >= 1")
 
 
-def _expected_shape(source, feature_key: str, label_key: str | None, video_shape) -> tuple[int, ...]:
-    """The stored video shape, checking that the feature (and label) keys exist and the video is uint8."""
+def _feature_specs(
+    source, feature_key: str, label_key: str | None, video_shape, extra_shapes: Mapping[str, tuple[int, ...] | None]
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of the video and extra features as stored, from the source's TFDS features (else record 0),
+    checking that every key exists, the shapes are as expected, the video is uint8 or float and the extras float,
+    bool or integer."""
+    expected_shapes = {feature_key: video_shape, **extra_shapes}
     info = getattr(source, "dataset_info", None)
     features = getattr(info, "features", None)
     if features is not None and hasattr(features, "keys"):  # a TFDS FeaturesDict (not a collections Mapping)
-        keys = list(features.keys())
-        _check_keys(keys, feature_key, label_key)
-        feature = features[feature_key]
-        declared, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
+        _check_keys(list(features.keys()), feature_key, label_key, extra_shapes)
+        declared = {k: (tuple(features[k].shape), np.dtype(features[k].np_dtype)) for k in expected_shapes}
     else:
         record = source[0]
-        _check_keys(list(record), feature_key, label_key)
-        video = np.asarray(record[feature_key])
-        declared, dtype = video.shape, video.dtype
-    if dtype != np.uint8:
-        raise ValueError(f"feature {feature_key!r} has dtype {dtype}; the pipeline reads uint8 videos")
-    if video_shape is not None and None not in declared and tuple(video_shape) != tuple(declared):
-        raise ValueError(f"video_shape={tuple(video_shape)} but feature {feature_key!r} has shape {tuple(declared)}")
-    shape = tuple(video_shape) if video_shape is not None else declared
-    if len(shape) != 4 or any(d is None or d < 1 for d in shape):
-        raise ValueError(f"feature {feature_key!r} has shape {shape}; expected a fixed (T, H, W, C)")
-    return tuple(int(d) for d in shape)
+        _check_keys(list(record), feature_key, label_key, extra_shapes)
+        declared = {k: (np.shape(record[k]), np.asarray(record[k]).dtype) for k in expected_shapes}
+    out = {}
+    for key, expected in expected_shapes.items():
+        shape, dtype = declared[key]
+        if expected is not None and None not in shape and tuple(expected) != tuple(shape):
+            arg = "video_shape" if key == feature_key else f"extra_shapes[{key!r}]"
+            raise ValueError(f"{arg}={tuple(expected)} but feature {key!r} has shape {tuple(shape)}")
+        shape = tuple(expected) if expected is not None else shape
+        if key == feature_key and not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
+            raise ValueError(f"feature {key!r} has dtype {dtype}; the pipeline reads uint8 pixels or float latents")
+        if key != feature_key and not (
+            np.issubdtype(dtype, np.floating) or dtype == np.bool_ or np.issubdtype(dtype, np.integer)
+        ):
+            raise ValueError(f"feature {key!r} has dtype {dtype}; extra features must be float, bool or integer")
+        if key == feature_key and len(shape) != 4:
+            raise ValueError(f"feature {key!r} has shape {shape}; expected a fixed (T, H, W, C)")
+        if any(d is None or d < 1 for d in shape):
+            raise ValueError(f"feature {key!r} has shape {shape}; expected a fixed shape (give it explicitly)")
+        out[key] = (tuple(int(d) for d in shape), dtype)
+    return out
 
 
-def _check_keys(keys: list[str], feature_key: str, label_key: str | None) -> None:
-    for what, key in (("feature_key", feature_key), ("label_key", label_key)):
+def _check_keys(keys: list[str], feature_key: str, label_key: str | None, extra_keys=()) -> None:
+    named = [("feature_key", feature_key), ("label_key", label_key), *(("extra_shapes key", k) for k in extra_keys)]
+    for what, key in named:
         if key is not None and key not in keys:
             raise ValueError(f"{what}={key!r} is not a feature of the source; available keys: {sorted(keys)}")
 
@@ -210,14 +235,16 @@ class _ProcessRows(grain.MapDataset):
 
 @dataclasses.dataclass(frozen=True)
 class _CheckAndCrop:
-    """(position, (record_index, record)) -> {"video": uint8 [T', H, W, C], "label": int32} or _Bad."""
+    """(position, (record_index, record)) -> {"video": [T', H, W, C] as stored, "label": int32, extras...} or _Bad."""
 
     feature_key: str
     label_key: str | None
     shape: tuple[int, ...]
+    dtype: np.dtype
     num_frames: int
     frame_stride: int
     seed: int
+    extras: tuple[tuple[str, tuple[int, ...], np.dtype], ...] = ()  # (key, shape, dtype)
 
     def __call__(self, item):
         position, (record_index, record) = item
@@ -225,11 +252,15 @@ class _CheckAndCrop:
             return record
         if not isinstance(record, Mapping) or self.feature_key not in record:
             return _Bad(record_index, f"no feature {self.feature_key!r}")
-        video = record[self.feature_key]
-        if not isinstance(video, np.ndarray) or video.dtype != np.uint8 or video.shape != self.shape:
-            got = f"{getattr(video, 'dtype', type(video).__name__)} {getattr(video, 'shape', '')}"
-            return _Bad(record_index, f"{self.feature_key!r} is {got}, expected uint8 {self.shape}")
         out = {}
+        for key, shape, dtype in ((self.feature_key, self.shape, self.dtype), *self.extras):
+            value = record.get(key)
+            if shape == () and isinstance(value, int | float | bool | np.generic):  # a scalar feature
+                value = np.asarray(value, dtype)
+            if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != shape:
+                got = f"{getattr(value, 'dtype', type(value).__name__)} {getattr(value, 'shape', '')}"
+                return _Bad(record_index, f"{key!r} is {got}, expected {dtype} {shape}")
+            out[key] = value
         if self.label_key is not None:
             label = record.get(self.label_key)
             if not isinstance(label, int | np.integer) and not (
@@ -242,32 +273,46 @@ class _CheckAndCrop:
         if window < self.shape[0]:
             rng = np.random.default_rng([self.seed, _CROP_STREAM, position])
             start = int(rng.integers(self.shape[0] - window + 1))
-        out["video"] = video[start : start + window : self.frame_stride]
+        out["video"] = out.pop(self.feature_key)[start : start + window : self.frame_stride]
         return out
 
 
 class _SkipBadAndBatch(grain.IterDataset):
-    """Skips (counts, logs) bad records and stacks b good ones; uint8 -> float32 in [-1, 1]."""
+    """Skips (counts, logs) bad records and stacks b good ones (`stack`)."""
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, with_label: bool):
+    def __init__(self, parent: grain.IterDataset, batch_size: int):
         super().__init__(parent)
         self._batch_size = batch_size
-        self._with_label = with_label
 
     def __iter__(self) -> SkipBadAndBatchIterator:
-        return SkipBadAndBatchIterator(self._parent.__iter__(), self._batch_size, self._with_label)
+        return SkipBadAndBatchIterator(self._parent.__iter__(), self._batch_size)
 
     def __str__(self) -> str:
         return f"SkipBadAndBatch(batch_size={self._batch_size})"
 
 
+def stack(items: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Checked examples -> one batch: uint8 video -> float32 in [-1, 1] [b, T', H, W, C], float fields -> float32,
+    bool fields stay bool, integer fields (the label) -> int32."""
+    batch = {}
+    for key in items[0]:
+        value = np.stack([x[key] for x in items])
+        if key == "video" and value.dtype == np.uint8:
+            value = value.astype(np.float32) * np.float32(2 / 255) - np.float32(1)
+        elif np.issubdtype(value.dtype, np.floating):
+            value = value.astype(np.float32)
+        elif value.dtype != np.bool_:
+            value = value.astype(np.int32)
+        batch[key] = value
+    return batch
+
+
 class SkipBadAndBatchIterator(grain.DatasetIterator):
     """The iterator `make_dataset(...)` hands out; `num_skipped` counts bad records and is saved in the state."""
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int, with_label: bool):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
         super().__init__(parent)
         self._batch_size = batch_size
-        self._with_label = with_label
         self.num_skipped = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -290,11 +335,7 @@ class SkipBadAndBatchIterator(grain.DatasetIterator):
                 continue
             consecutive_bad = 0
             items.append(item)
-        video = np.stack([x["video"] for x in items]).astype(np.float32) * np.float32(2 / 255) - np.float32(1)
-        batch = {"video": video}  # [b, T', H, W, C]
-        if self._with_label:
-            batch["label"] = np.array([x["label"] for x in items], np.int32)  # [b]
-        return batch
+        return stack(items)
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "num_skipped": self.num_skipped}

@@ -1,33 +1,82 @@
-"""Which dataset a config names, opened as a grain pipeline; captions and prompts of its classes.
+"""Which dataset a config names, opened as a grain pipeline; captions, prompts and sampling conditions.
 
-`moving_shapes` is built on first use; any other name must be a TFDS dataset already prepared as array_record
-under the data dir (its video feature key, shape and label key come from `config.data`).
+`config.data.name` picks the dataset:
+  moving_shapes           built on first use (builder config `data.builder_config`): uint8 videos, labels, captions
+  synthetic_latent_text   built on first use from the config's shapes (`data.video_shape`, `data.text_len`,
+                          `model.text_dim`; `data.builder_config` is not used): float latents, text embeddings and
+                          masks, captions, labels (`vdit_jax.data.latent_text`)
+  anything else           a TFDS dataset already prepared as array_record under the data dir; its video feature
+                          key, shape and label key come from `config.data`, and text models read its `text` and
+                          `text_mask` features
+
+The data dir must be a local path: array_record's writer cannot write to GCS (a gs:// workdir is fine; its data dir
+defaults to `default_data_dir()`, a local cache).
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 
 from vdit_jax import cli
-from vdit_jax.data import moving_shapes, pipeline
+from vdit_jax.data import latent_text, moving_shapes, pipeline
 
 MOVING_SHAPES = "moving_shapes"
+SYNTHETIC_LATENT_TEXT = latent_text.NAME
+BUILT_IN = (MOVING_SHAPES, SYNTHETIC_LATENT_TEXT)  # datasets this package builds itself
+SAMPLE_SPLIT = "test"  # where the texts of training-time and CLI samples are drawn from
+DATA_DIR_ENV = "VDIT_DATA_DIR"
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
-def open_source(config: ml_collections.ConfigDict, data_dir: str, split: str | None = None):
-    """A random-access source (`tfds.data_source`) for the configured dataset, preparing moving_shapes if needed."""
+def default_data_dir() -> str:
+    """`$VDIT_DATA_DIR` if set, else `~/.cache/vdit_jax/data`: a local directory shared by runs."""
+    return os.environ.get(DATA_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "vdit_jax", "data")
+
+
+def check_local(data_dir) -> str:
+    """`data_dir` as a local path string; ValueError naming it if it is a URL (gs://, s3://, ...)."""
+    path = os.fspath(data_dir)
+    if _SCHEME.match(path):
+        raise ValueError(
+            f"data dir {path!r} must be a local path: datasets are built and read with array_record, which cannot "
+            f"write to {path.split('://')[0]}:// (the workdir can be on GCS); use a local directory: --data_dir, "
+            f"config.data.data_dir or ${DATA_DIR_ENV} (default {default_data_dir()!r})"
+        )
+    return path
+
+
+def latent_text_config(config: ml_collections.ConfigDict) -> latent_text.LatentTextConfig:
+    """The synthetic_latent_text builder config of a run's shapes."""
+    return latent_text.builder_config(tuple(config.data.video_shape), config.data.text_len, config.model.text_dim)
+
+
+def open_source(config: ml_collections.ConfigDict, data_dir, split: str | None = None):
+    """A random-access source of the configured dataset's split (default `config.data.split`), building a
+    built-in dataset first if needed (process 0 first when there are several)."""
+    return _open(config, check_local(data_dir), split or config.data.split, prepare=True)
+
+
+def _open(config, data_dir: str, split: str, *, prepare: bool):
     d = config.data
-    split = split or d.split
     if d.name == MOVING_SHAPES:
-        _process_0_first(lambda: moving_shapes.prepare(data_dir, d.builder_config))
+        if prepare:
+            _process_0_first(lambda: moving_shapes.prepare(data_dir, d.builder_config))
         return moving_shapes.data_source(data_dir, d.builder_config, split)
+    if d.name == SYNTHETIC_LATENT_TEXT:
+        builder_config = latent_text_config(config)
+        if prepare:
+            _process_0_first(lambda: latent_text.prepare(data_dir, builder_config))
+        return latent_text.data_source(data_dir, builder_config, split)
     if not os.path.isdir(os.path.join(data_dir, d.name)):
         raise FileNotFoundError(
             f"dataset {d.name!r} is not prepared under data dir {data_dir!r}; prepare it with "
-            "file_format='array_record' (or use config.data.name='moving_shapes')"
+            f"file_format='array_record' (or use config.data.name in {list(BUILT_IN)})"
         )
     return tfds.data_source(d.name, split=split, data_dir=data_dir)
 
@@ -49,8 +98,19 @@ def _process_0_first(prepare) -> None:
         prepare()
 
 
-def make_train_dataset(config: ml_collections.ConfigDict, data_dir: str, *, process_index=None, process_count=None):
-    """The shuffled, repeated, per-process-sharded training pipeline: dicts of float video in [-1, 1] and labels."""
+def text_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+    """The text fields a config's model reads, with their per-example shapes ({} for a model without text)."""
+    if not config.data.text_len:
+        return {}
+    return {"text": (config.data.text_len, config.model.text_dim), "text_mask": (config.data.text_len,)}
+
+
+def make_train_dataset(
+    config: ml_collections.ConfigDict, data_dir, *, process_index=None, process_count=None
+) -> pipeline.grain.IterDataset:
+    """The shuffled, repeated, per-process-sharded training pipeline; its batches hold exactly what the model
+    reads: `video` float32 [b, T, H, W, C] (pixels in [-1, 1] or latents), `label` int32 [b] when
+    `data.label_key` is set, `text` float32 [b, L, D] and `text_mask` bool [b, L] when `data.text_len > 0`."""
     import jax
 
     d = config.data
@@ -65,12 +125,75 @@ def make_train_dataset(config: ml_collections.ConfigDict, data_dir: str, *, proc
         num_frames=d.num_frames or None,
         frame_stride=d.frame_stride,
         video_shape=tuple(d.video_shape),
+        extra_shapes=text_shapes(config),
     )
+
+
+def sample_labels(num: int, num_classes: int) -> np.ndarray:
+    """`num` labels spread evenly over all classes (each class once before any repeats); zeros without classes."""
+    if num_classes == 0:
+        return np.zeros((num,), np.int32)
+    return (np.arange(num) * num_classes // num).astype(np.int32)
+
+
+def sample_conditions(config: ml_collections.ConfigDict, data_dir, num: int, seed: int = 0) -> dict:
+    """What `num` samples are conditioned on, and their captions.
+
+    Text models: texts drawn (without repeats until the split is used up, by `seed`) from the dataset's test split
+    (or `config.data.split` when it has none): {"text": float32 [num, L, D], "text_mask": bool [num, L],
+    "captions": list of str, "labels": int32 [num] (the records' labels when the model also takes classes, else
+    zeros)}. Other models: {"labels": `sample_labels`, "captions": their `caption`s}. On several processes the
+    dataset must already be prepared (training prepares it): this may run on one process only.
+    """
+    import jax
+
+    if num < 1:
+        raise ValueError(f"num={num} must be >= 1")
+    mc = config.model
+    if not mc.text_dim:
+        labels = sample_labels(num, mc.num_classes)
+        return {"labels": labels, "captions": [caption(config, int(y)) for y in labels]}
+    data_dir = check_local(data_dir)
+    source = _open(config, data_dir, _sample_split(config, data_dir), prepare=jax.process_count() == 1)
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(source)) for _ in range(-(-num // len(source)))])[:num]
+    records = [source[int(i)] for i in order]
+    shapes = text_shapes(config)
+    out = {}
+    for key, shape in shapes.items():
+        missing = [r for r in records if key not in r]
+        if missing:
+            raise ValueError(f"dataset {config.data.name!r} has no {key!r} feature; available: {sorted(missing[0])}")
+        value = np.stack([np.asarray(r[key]) for r in records])
+        if value.shape[1:] != shape:
+            raise ValueError(
+                f"dataset {config.data.name!r} has {key!r} of shape {value.shape[1:]}, but the model needs {shape} "
+                "(config.data.text_len, config.model.text_dim)"
+            )
+        out[key] = value.astype(bool if key == "text_mask" else np.float32)
+    label_key = config.data.label_key
+    if mc.num_classes and label_key:
+        out["labels"] = np.array([r[label_key] for r in records], np.int32)
+    else:
+        out["labels"] = np.zeros((num,), np.int32)
+    out["captions"] = [_text(r.get("caption", f"{config.data.name} record {i}")) for r, i in zip(records, order)]
+    return out
+
+
+def _sample_split(config, data_dir: str) -> str:
+    if config.data.name in BUILT_IN:
+        return SAMPLE_SPLIT
+    splits = tfds.builder(config.data.name, data_dir=data_dir).info.splits
+    return SAMPLE_SPLIT if SAMPLE_SPLIT in splits else config.data.split
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def caption(config: ml_collections.ConfigDict, label: int) -> str:
     """The prompt text of a class label."""
-    if config.data.name == MOVING_SHAPES:
+    if config.data.name in BUILT_IN:
         return moving_shapes.caption_for(label)
     return f"class {label}"
 

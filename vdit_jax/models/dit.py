@@ -173,7 +173,9 @@ class DiTBlock(nn.Module):
     grid: Grid
 
     @nn.compact
-    def __call__(self, x: jax.Array, c: jax.Array, rope, context: jax.Array | None) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, c: jax.Array, rope, context: jax.Array | None, context_mask: jax.Array | None
+    ) -> tuple[jax.Array, None]:
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
@@ -198,7 +200,7 @@ class DiTBlock(nn.Module):
         if context is not None:  # [B, L, D]
             h = layers.CrossAttention(
                 cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention_impl, name="cross_attn", **kw
-            )(layers.layer_norm(dtype)(x), context)
+            )(layers.layer_norm(dtype)(x), context, context_mask)
             x = x + h
         shift, scale, gate = mod[-3:]
         h = layers.modulate(layers.layer_norm(dtype)(x), shift, scale)
@@ -207,11 +209,14 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """The spacetime DiT: `__call__(x, t, labels=None, text=None, x_self_cond=None) -> [B, T, H, W, C_out]` (float32).
+    """The spacetime DiT: `__call__(x, t, labels=None, text=None, x_self_cond=None, text_mask=None)` ->
+    [B, T, H, W, C_out] (float32).
 
     x [B, T, H, W, C], t [B]; labels [B] when num_classes > 0; text [B, L, text_dim] precomputed text-encoder
-    embeddings when text_dim > 0 (zeros = the null text of classifier-free guidance); x_self_cond [B, T, H, W, C] an
-    estimate of x0 when the config has self_condition (None = zeros, "no estimate"; ignored otherwise).
+    embeddings when text_dim > 0, with text_mask bool [B, L] (True = a real token; None = all real): padded tokens
+    get no attention, so padding the same text to a longer L changes nothing (`null_text` is the null text of
+    classifier-free guidance); x_self_cond [B, T, H, W, C] an estimate of x0 when the config has self_condition
+    (None = zeros, "no estimate"; ignored otherwise).
     """
 
     config: DiTConfig
@@ -224,6 +229,7 @@ class DiT(nn.Module):
         labels: jax.Array | None = None,
         text: jax.Array | None = None,
         x_self_cond: jax.Array | None = None,
+        text_mask: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
@@ -233,6 +239,9 @@ class DiT(nn.Module):
         if cfg.text_dim and (text is None or text.ndim != 3 or text.shape[-1] != cfg.text_dim):
             got = None if text is None else tuple(text.shape)
             raise ValueError(f"this DiT is text-conditional: pass text [B, L, {cfg.text_dim}], got {got}")
+        if cfg.text_dim and text_mask is not None and (text_mask.shape != text.shape[:2] or text_mask.dtype != bool):
+            got = f"{text_mask.dtype} {tuple(text_mask.shape)}"
+            raise ValueError(f"text_mask must be bool [B, L] = {tuple(text.shape[:2])}, got {got}")
         if cfg.self_condition and x_self_cond is not None and x_self_cond.shape != x.shape:
             raise ValueError(f"x_self_cond must have x's shape {tuple(x.shape)}, got {tuple(x_self_cond.shape)}")
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -258,9 +267,10 @@ class DiT(nn.Module):
                 cfg.num_classes, cfg.hidden_size, factors=tuple(cfg.label_factors), name="y_embed", **kw
             )(labels)
         c = nn.with_logical_constraint(c, (sh.BATCH, sh.ACT_EMBED))
-        context = None
+        context = context_mask = None
         if cfg.text_dim:
             context = layers.TextEmbedder(cfg.hidden_size, name="text_embed", **kw)(text)  # [B, L, D]
+            context_mask = text_mask
 
         block = DiTBlock
         if cfg.remat != "none":
@@ -272,16 +282,18 @@ class DiT(nn.Module):
                     block,
                     variable_axes={"params": 0},
                     split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=count,
                     metadata_params={nn.PARTITION_NAME: sh.LAYERS},
                 )
-                h, _ = stack(cfg, groupings, window, grid, name=f"stage{s}")(h, c, rope, context)
+                h, _ = stack(cfg, groupings, window, grid, name=f"stage{s}")(h, c, rope, context, context_mask)
             else:
                 for i in range(count):
                     if cfg.long_skips:
                         h = self._long_skip(h, index, skips)
-                    h, _ = block(cfg, groupings, window, grid, name=f"stage{s}_block{i}")(h, c, rope, context)
+                    h, _ = block(cfg, groupings, window, grid, name=f"stage{s}_block{i}")(
+                        h, c, rope, context, context_mask
+                    )
                     index += 1
 
         shift, scale = jnp.split(
@@ -327,10 +339,29 @@ def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, num_classes: int
     return jnp.where(drop, num_classes, labels).astype(labels.dtype)
 
 
-def drop_text(rng: jax.Array, text: jax.Array, rate: float) -> jax.Array:
-    """Replaces each example's text embeddings [B, L, E] by the null text (zeros) with probability `rate`."""
+def null_text(batch: int, length: int, text_dim: int) -> tuple[jax.Array, jax.Array]:
+    """The null text of classifier-free guidance: zero embeddings [B, L, E] with the mask all True [B, L].
+
+    All L tokens are real and equal, so the cross-attention reads the same context vector whatever L is (the null
+    text does not depend on the length), and no key is ever masked out entirely.
+    """
+    return jnp.zeros((batch, length, text_dim), jnp.float32), jnp.ones((batch, length), bool)
+
+
+def drop_text(
+    rng: jax.Array, text: jax.Array, rate: float, text_mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+    """Replaces each example's text [B, L, E] (and mask [B, L]) by the null text with probability `rate`.
+
+    The null text is `null_text`: zero embeddings with the mask all True (so it does not depend on L and never masks
+    every key); the same null is used for the unconditional branch when sampling. Returns (text, text_mask), the
+    mask None when none was given (all tokens real).
+    """
     drop = jax.random.bernoulli(rng, rate, text.shape[:1])
-    return jnp.where(drop[:, None, None], jnp.zeros_like(text), text)
+    text = jnp.where(drop[:, None, None], jnp.zeros_like(text), text)
+    if text_mask is not None:
+        text_mask = text_mask | drop[:, None]
+    return text, text_mask
 
 
 def init_params(config: DiTConfig, rng: jax.Array, video_shape: tuple[int, ...]):

@@ -343,9 +343,10 @@ class TextEmbedder(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head cross-attention from video tokens x [B, N, D] to a text context [B, L, D], with QK RMSNorm.
 
-    Queries come from the (pre-normed) video tokens, keys and values from the context; every video token sees all
-    L context tokens. The output projection is zero-initialised, so the sublayer adds nothing at initialisation
-    (the adaLN-Zero idea, as in PixArt-α): a fresh model still predicts exactly zero.
+    Queries come from the (pre-normed) video tokens, keys and values from the context; every video token sees the
+    context tokens that `context_mask` (bool [B, L], None = all) marks real, never the padding. The output
+    projection is zero-initialised, so the sublayer adds nothing at initialisation (the adaLN-Zero idea, as in
+    PixArt-α): a fresh model still predicts exactly zero.
     """
 
     num_heads: int
@@ -355,7 +356,7 @@ class CrossAttention(nn.Module):
     implementation: str = "auto"  # attention.IMPLEMENTATIONS
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None = None) -> jax.Array:
         b, n, d = x.shape
         length = context.shape[1]
         head_dim = d // self.num_heads
@@ -381,6 +382,7 @@ class CrossAttention(nn.Module):
             q,
             k,
             v,
+            kv_mask=context_mask,
             implementation=self.implementation,
             q_axes=(sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV),
             kv_axes=(sh.BATCH, sh.TEXT_LENGTH, sh.ACT_HEADS, sh.ACT_KV),

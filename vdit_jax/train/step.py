@@ -23,8 +23,9 @@ from vdit_jax.models import dit
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train.state import TrainState, make_optimizer, state_shardings
 
-# {"video": float32 [B, T, H, W, C] in [-1, 1], "label": int32 [B], and for text models (model.text_dim > 0)
-#  "text": float32 [B, L, text_dim] precomputed text-encoder embeddings}
+# {"video": float32 [B, T, H, W, C] (pixels in [-1, 1] or latents), "label": int32 [B], and for text models
+#  (model.text_dim > 0) "text": float32 [B, L, text_dim] precomputed text-encoder embeddings and "text_mask": bool
+#  [B, L] (True = a real token; optional for `train_step`, part of `batch_shapes`)}
 Batch = dict[str, jax.Array]
 
 
@@ -35,6 +36,7 @@ def _loss(
     t,
     noise,
     text,
+    text_mask,
     self_cond_rng,
     *,
     model,
@@ -46,10 +48,10 @@ def _loss(
 ):
     y = labels if num_classes else None
     if model.config.self_condition:
-        net = lambda x_t, tt, x0: model.apply({"params": params}, x_t, tt, y, text, x0)
+        net = lambda x_t, tt, x0: model.apply({"params": params}, x_t, tt, y, text, x0, text_mask)
         model_fn = diffusion.self_conditioned(net, sched, self_cond_rng)
     else:
-        model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, y, text)
+        model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, y, text, None, text_mask)
     per_example, aux = diffusion.loss_fn(
         model_fn,
         sched,
@@ -83,7 +85,8 @@ def train_step(
 
     Timesteps, noise and label / text dropout are drawn for the whole global batch before it is split, so an
     accumulated step computes the same gradient as one full-batch step. Text models read `batch["text"]` and
-    replace an example's text by the null text (zeros) at the `label_dropout` rate.
+    `batch["text_mask"]` (absent = all tokens real) and replace an example's text by the null text (zeros, mask all
+    True: `dit.null_text`) at the `label_dropout` rate.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
@@ -91,12 +94,13 @@ def train_step(
     self_cond_rng = jax.random.fold_in(drop_rng, 2)
     video, labels = batch["video"], batch["label"]
     text = batch["text"] if model.config.text_dim else None
+    text_mask = batch.get("text_mask") if model.config.text_dim else None
     t = diffusion.sample_timesteps(t_rng, video.shape[0], sched.num_timesteps, **(timestep_sampling or {}))
     noise = jax.random.normal(noise_rng, video.shape, jnp.float32)
     if num_classes:
         labels = dit.drop_labels(drop_rng, labels, label_dropout, num_classes)
     if text is not None:
-        text = dit.drop_text(jax.random.fold_in(drop_rng, 1), text, label_dropout)
+        text, text_mask = dit.drop_text(jax.random.fold_in(drop_rng, 1), text, label_dropout, text_mask)
     loss_fn = functools.partial(
         _loss,
         model=model,
@@ -109,7 +113,7 @@ def train_step(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = tc.grad_accum_steps
     if k == 1:
-        (loss, mse), grads = grad_fn(state.params, video, labels, t, noise, text, self_cond_rng)
+        (loss, mse), grads = grad_fn(state.params, video, labels, t, noise, text, text_mask, self_cond_rng)
     else:
         split = lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:])
 
@@ -118,7 +122,7 @@ def train_step(
             return jax.tree.map(jnp.add, carry, (loss_i, mse_i, g)), None
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-        micro = jax.tree.map(split, (video, labels, t, noise, text))  # text None stays None
+        micro = jax.tree.map(split, (video, labels, t, noise, text, text_mask))  # None stays None
         (loss, mse, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         loss, mse, grads = jax.tree.map(lambda a: a / k, (loss, mse, grads))
 
@@ -181,7 +185,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of one global batch: video and label, plus text for text models."""
+    """Shapes and dtypes of one global batch: video and label, plus text and text_mask (bool) for text models."""
     b = config.train.global_batch_size
     out = {
         "video": jax.ShapeDtypeStruct((b, *config_lib.input_shape(config)), jnp.float32),
@@ -189,6 +193,7 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeS
     }
     if config.model.text_dim:
         out["text"] = jax.ShapeDtypeStruct((b, config.data.text_len, config.model.text_dim), jnp.float32)
+        out["text_mask"] = jax.ShapeDtypeStruct((b, config.data.text_len), jnp.bool_)
     return out
 
 
