@@ -274,13 +274,3 @@ def test_sample_text_model_returns_latents_and_ignores_padding():
         inference.sample(config, params, np.zeros(3, np.int32), jax.random.key(2))
     with pytest.raises(ValueError, match="got 2 labels but 3 texts"):
         inference.sample(config, params, np.zeros(2, np.int32), jax.random.key(2), text=text)
-
-
-def test_sample_rgb_model_returns_uint8_pixels():
-    config = helpers.tiny_config()
-    config.model.depth = 1
-    config.sample.steps = 2
-    shape = (1, *config_lib.input_shape(config))
-    params = nn.unbox(randomize(init(config_lib.model_config(config), jax.random.key(0), shape)))["params"]
-    out = inference.sample(config, params, np.array([0, 3]), jax.random.key(0))
-    assert out.dtype == np.uint8 and out.shape == (2, 4, 8, 8, 3) and out.max() > out.min()
