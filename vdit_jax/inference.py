@@ -19,7 +19,7 @@ import tqdm
 from jax.tree_util import Partial
 
 from vdit_jax import config as config_lib
-from vdit_jax import diffusion
+from vdit_jax import diffusion, paths
 from vdit_jax.models import dit
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
@@ -147,14 +147,22 @@ def gather_params(params):
     return multihost_utils.process_allgather(params, tiled=True)
 
 
-def load(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
-    """(config, EMA params, step) of the latest (or a given) checkpoint of a training workdir, on one device."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoints under {workdir!r} (expected {ckpt_dir})")
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    config = config_from_json(config)
+def load(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
+    """(config, EMA params, step) of the latest (or a given) checkpoint of a training workdir, on one device.
+
+    `workdir` is any `etils.epath` path (a local directory or `gs://bucket/run`).
+
+    Raises:
+      FileNotFoundError: the workdir has no checkpoints or no config.json.
+    """
+    workdir = paths.resolve(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoints under {os.fspath(workdir)!r} (expected {os.fspath(ckpt_dir)})")
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"no config.json in {os.fspath(workdir)!r}: is it a vdit_jax training workdir?")
+    config = config_from_json(ml_collections.ConfigDict(json.loads(config_path.read_text())))
     mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
     rules = sh.rules_from_config(config.logical_axis_rules)
     abstract = state_lib.abstract_state(config, mesh, rules)

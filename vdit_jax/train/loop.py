@@ -286,7 +286,8 @@ class _Loop:
                             "elapsed_s": time.perf_counter() - t_start,
                         }
                         self.writer.write(step, last)
-                    self.ckpt.save(step, state, self.data_iter, config)
+                    if self.ckpt.save(step, state, self.data_iter, config):
+                        self.writer.flush()  # the log reaches the storage at least as far as the checkpoint
                     if tc.sample_num and tc.sample_every and step % tc.sample_every == 0 and step < tc.num_steps:
                         _sample_on_process_0(config, state, step, self.workdir, self.data_dir, self.rules)
                     if multi:
