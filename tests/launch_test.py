@@ -102,3 +102,28 @@ def test_slurm_script_needs_a_train_command():
     proc = subprocess.run(["bash", SLURM], capture_output=True, text=True, env=env, timeout=30)
     assert proc.returncode == 2
     assert "error: set TRAIN_ARGS" in proc.stderr
+
+
+def _requirements(extra=None):
+    """vdit-jax's installed requirements (names, lower case) without an extra marker, or of `extra` only."""
+    import importlib.metadata
+    import re
+
+    out = set()
+    for req in importlib.metadata.requires("vdit-jax") or []:
+        name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower()
+        marker = re.search(r"extra\s*==\s*[\"']([\w-]+)[\"']", req)
+        if (marker.group(1) if marker else None) == extra:
+            out.add(name)
+    return out
+
+
+def test_every_install_has_the_video_writers_and_tpu_brings_gcs():
+    # tpu_vm.sh installs .[tpu] and the SLURM script .[cuda]: a run with samples needs mediapy / imageio there too,
+    # so they are core dependencies; gs:// workdirs need gcsfs (epath) and google-cloud-storage (TensorBoard).
+    assert {"mediapy", "imageio", "imageio-ffmpeg"} <= _requirements()
+    assert {"gcsfs", "google-cloud-storage"} <= _requirements("tpu")
+    with open(TPU_VM) as f:
+        assert "pip install -q -e '.[tpu]'" in f.read()
+    with open(SLURM) as f:
+        assert "install -q '.[cuda]'" in f.read()

@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = "moving_shapes"  # a TFDS builder name; moving_shapes is built on first use
     c.data.builder_config = "16x32"  # moving_shapes: 16x32 / 16x64 / 8x32 / 8x16
-    c.data.data_dir = ""  # '' = <workdir>/../data (shared by runs) unless --data_dir is given
+    c.data.data_dir = ""  # a LOCAL dir; '' = $VDIT_DATA_DIR or ~/.cache/vdit_jax/data (--data_dir wins)
     c.data.split = "train"
     c.data.feature_key = "video"
     c.data.label_key = "label"  # '' for an unconditional dataset

@@ -99,13 +99,18 @@ def write_samples(config, params, step: int, workdir, data_dir) -> str:
 def _sample_on_process_0(config, state, step: int, workdir, data_dir, rules) -> str | None:
     """Training-time samples: every process gathers the EMA parameters (a collective when they are sharded over
     hosts), then process 0 alone samples on its own first device, outside the global mesh (a program over the
-    global mesh would need every process). The others go on to the next step and wait for it there."""
+    global mesh would need every process). The others go on to the next step and wait for it there. A failure
+    is logged with its traceback and training goes on."""
     ema = inference.gather_params(state.ema_params)
     if jax.process_index() != 0:
         return None
     local_mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.local_devices()[:1])
-    with step_lib.logical_context(local_mesh, rules):
-        return write_samples(config, ema, step, workdir, data_dir)
+    try:
+        with step_lib.logical_context(local_mesh, rules):
+            return write_samples(config, ema, step, workdir, data_dir)
+    except Exception:  # samples are a by-product: a failure to make or write them never ends a training run
+        logging.exception("writing the samples of step %d failed; training goes on", step)
+        return None
 
 
 def _write_json(path, obj) -> None:
