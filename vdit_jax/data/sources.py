@@ -16,13 +16,12 @@ defaults to `default_data_dir()`, a local cache).
 from __future__ import annotations
 
 import os
-import re
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vdit_jax import cli
+from vdit_jax import cli, paths
 from vdit_jax.data import latent_text, moving_shapes, pipeline
 
 MOVING_SHAPES = "moving_shapes"
@@ -31,8 +30,6 @@ BUILT_IN = (MOVING_SHAPES, SYNTHETIC_LATENT_TEXT)  # datasets this package build
 SAMPLE_SPLIT = "test"  # where the texts of training-time and CLI samples are drawn from
 DATA_DIR_ENV = "VDIT_DATA_DIR"
 
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
 
 def default_data_dir() -> str:
     """`$VDIT_DATA_DIR` if set, else `~/.cache/vdit_jax/data`: a local directory shared by runs."""
@@ -40,15 +37,19 @@ def default_data_dir() -> str:
 
 
 def check_local(data_dir) -> str:
-    """`data_dir` as a local path string; ValueError naming it if it is a URL (gs://, s3://, ...)."""
+    """`data_dir` as an absolute local path string.
+
+    Raises:
+      cli.UsageError (a ValueError): `data_dir` is a URL (gs://, s3://, ...); the CLIs print it as one line.
+    """
     path = os.fspath(data_dir)
-    if _SCHEME.match(path):
-        raise ValueError(
+    if not paths.is_local(path):
+        raise cli.UsageError(
             f"data dir {path!r} must be a local path: datasets are built and read with array_record, which cannot "
             f"write to {path.split('://')[0]}:// (the workdir can be on GCS); use a local directory: --data_dir, "
             f"config.data.data_dir or ${DATA_DIR_ENV} (default {default_data_dir()!r})"
         )
-    return path
+    return os.fspath(paths.resolve(path))
 
 
 def latent_text_config(config: ml_collections.ConfigDict) -> latent_text.LatentTextConfig:
