@@ -153,8 +153,15 @@ def test_slurm_example_trains(tmp_path):
     workdir = tmp_path / "s2"
     cmd = [sys.executable, *started[2:]]
     cmd = [f"--workdir={workdir}" if a.startswith("--workdir=") else a for a in cmd]
+    # No samples here: the TPU example's test samples the same kind of latent text model (one compile less).
     proc = subprocess.run(
-        [*cmd, *TINY, "--config.train.global_batch_size=2", "--config.train.num_steps=3"],
+        [
+            *cmd,
+            *TINY,
+            "--config.train.global_batch_size=2",
+            "--config.train.num_steps=3",
+            "--config.train.sample_num=0",
+        ],
         cwd=ROOT,
         env=_env(1, tmp_path / "data"),
         capture_output=True,
@@ -164,5 +171,4 @@ def test_slurm_example_trains(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [float(x) for x in re.findall(r'"loss": ([0-9.e+-]+)', (workdir / "metrics.jsonl").read_text())]
     assert len(losses) == 3 and all(np.isfinite(losses)), losses
-    data = np.load(workdir / "samples" / "step_3" / "samples.npz")
-    assert data["latents"].shape == (2, 2, 8, 8, 4)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "3"]  # the first save and the last
