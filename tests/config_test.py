@@ -44,6 +44,14 @@ def _set(config, key, value):
         ("train.ema_decay", 1.0, 1, r"ema_decay=1.0 must be in \[0, 1\)"),
         ("train.max_consecutive_nonfinite", 0, 1, "config.train.max_consecutive_nonfinite=0 must be >= 1"),
         ("train.keep_checkpoints", 0, 1, "config.train.keep_checkpoints=0 must be >= 1"),
+        ("train.sample_num", -1, 1, "config.train.sample_num=-1 must be >= 0"),
+        ("train.sample_every", -5, 1, "config.train.sample_every=-5 must be >= 0"),
+        ("train.end_lr_fraction", 1.5, 1, r"config.train.end_lr_fraction=1.5 must be in \[0, 1\]"),
+        ("train.b2", 1.0, 1, r"config.train.b2=1.0 must be in \[0, 1\)"),
+        ("sample.clip_x0", -1.0, 1, r"config.sample.clip_x0=-1.0 must be >= 0 \(0 = no clipping\)"),
+        ("sample.fps", 0, 1, "config.sample.fps=0 must be >= 1"),
+        ("seed", -1, 1, r"config.seed=-1 must be in \[0, 2\*\*32\)"),
+        ("data.frame_stride", 0, 1, "config.data.frame_stride=0 must be >= 1"),
         ("diffusion.label_dropout", 1.5, 1, "label_dropout=1.5"),
         ("diffusion.timestep_sampling", "beta", 1, r"timestep_sampling='beta' is not allowed; use one of \['uniform'"),
         ("diffusion.timestep_logit_std", 0.0, 1, "timestep_logit_std=0.0 must be > 0"),
@@ -77,3 +85,31 @@ def test_sequence_and_tensor_axes_must_divide_tokens_and_heads():
 
 def test_valid_tiny_config_passes():
     config_lib.validate(helpers.tiny_config(), num_devices=8)
+
+
+def test_moving_shapes_builder_config_must_exist_and_match_the_video_shape():
+    c = helpers.tiny_config()
+    c.data.name = "moving_shapes"
+    c.data.builder_config = "8x32"
+    c.data.video_shape = (8, 32, 32, 3)
+    c.model.patch_size = (2, 8, 8)
+    config_lib.validate(c, 1)
+    c.data.video_shape = (8, 16, 16, 3)
+    with pytest.raises(config_lib.ConfigError, match=r"video_shape=\(8, 16, 16, 3\) does not match moving_shapes/8x32"):
+        config_lib.validate(c, 1)
+    c.data.builder_config = "12x24"
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.builder_config='12x24' is not allowed; use one of"):
+        config_lib.validate(c, 1)
+
+
+def test_frame_stride_sets_the_input_length_and_its_window_must_fit():
+    c = helpers.tiny_config()  # 4 frames, patch 2 in time
+    c.data.frame_stride = 2
+    assert config_lib.input_shape(c)[0] == 2  # frames 0 and 2: ceil(4 / 2), as the input pipeline cuts them
+    config_lib.validate(c, 1)
+    c.data.frame_stride = 3
+    assert config_lib.input_shape(c)[0] == 2  # frames 0 and 3
+    c.data.num_frames = 2
+    c.data.frame_stride = 4  # frames 0 and 4 of a 4-frame video
+    with pytest.raises(config_lib.ConfigError, match="num_frames=2 with frame_stride=4 needs a window of 5 frames"):
+        config_lib.validate(c, 1)

@@ -8,6 +8,8 @@ from vdit_jax import config as config_lib
 def tiny_config(**model_overrides):
     """A minutes-free config: a 2-block width-32 DiT on 4x8x8 videos of 4 classes, batch 8."""
     c = config_lib.base_config()
+    # Random batches, no dataset: a name that claims no builder (moving_shapes has no 4x8x8 videos).
+    c.data.name = "random_batches"
     c.data.video_shape = (4, 8, 8, 3)
     c.data.num_classes = 4
     c.model.update(dict(hidden_size=32, depth=2, num_heads=2, patch_size=(2, 4, 4), num_classes=4, **model_overrides))

@@ -11,6 +11,7 @@ import dataclasses
 
 import ml_collections
 
+from vdit_jax.data import moving_shapes
 from vdit_jax.diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, TIMESTEP_SAMPLINGS
 from vdit_jax.models import dit
 from vdit_jax.parallel import mesh as mesh_lib
@@ -106,9 +107,10 @@ def model_config(config: ml_collections.ConfigDict) -> dit.DiTConfig:
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
-    """(T, H, W, C) of a training example after the temporal crop."""
+    """(T', H, W, C) of a training example: `data.num_frames` frames taken every `data.frame_stride` frames
+    (num_frames 0: as many as the stride allows, ceil(T / stride)), as the input pipeline cuts them."""
     t, h, w, ch = config.data.video_shape
-    return (config.data.num_frames or t, h, w, ch)
+    return (config.data.num_frames or (t - 1) // config.data.frame_stride + 1, h, w, ch)
 
 
 def _check(ok: bool, msg: str):
@@ -143,6 +145,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _check(1 <= s.steps <= d.num_timesteps, f"config.sample.steps={s.steps} must be in [1, {d.num_timesteps}]")
     _check(s.eta >= 0, f"config.sample.eta={s.eta} must be >= 0")
     _check(s.guidance >= 0, f"config.sample.guidance={s.guidance} must be >= 0")
+    _check(s.clip_x0 >= 0, f"config.sample.clip_x0={s.clip_x0} must be >= 0 (0 = no clipping)")
+    _check(s.fps >= 1, f"config.sample.fps={s.fps} must be >= 1")
+    _check(0 <= config.seed < 2**32, f"config.seed={config.seed} must be in [0, 2**32)")
+    for key in ("sample_num", "sample_every", "weight_decay", "grad_clip"):
+        _check(tr[key] >= 0, f"config.train.{key}={tr[key]} must be >= 0")
+    for key in ("end_lr_fraction",):
+        _check(0 <= tr[key] <= 1, f"config.train.{key}={tr[key]} must be in [0, 1]")
+    for key in ("b1", "b2"):
+        _check(0 <= tr[key] < 1, f"config.train.{key}={tr[key]} must be in [0, 1)")
     for key in (
         "num_steps",
         "global_batch_size",
@@ -169,7 +180,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         0 <= config.data.num_frames <= shape[0],
         f"config.data.num_frames={config.data.num_frames} must be in [0, {shape[0]}] (0 = all frames)",
     )
+    _check(config.data.frame_stride >= 1, f"config.data.frame_stride={config.data.frame_stride} must be >= 1")
     t, h, w, _ = input_shape(config)
+    window = (t - 1) * config.data.frame_stride + 1
+    _check(
+        window <= shape[0],
+        f"config.data.num_frames={config.data.num_frames} with frame_stride={config.data.frame_stride} needs a "
+        f"window of {window} frames, but the videos have {shape[0]}",
+    )
+    if config.data.name == moving_shapes.NAME:
+        _one_of(config, "data.builder_config", moving_shapes.CONFIG_NAMES)
+        stored = moving_shapes.video_shape(config.data.builder_config)
+        _check(
+            shape == stored,
+            f"config.data.video_shape={shape} does not match moving_shapes/{config.data.builder_config}, whose "
+            f"videos are {stored}",
+        )
     _check(
         t % mc.patch_size[0] == 0 and h % mc.patch_size[1] == 0 and w % mc.patch_size[2] == 0,
         f"config.model.patch_size={tuple(mc.patch_size)} must divide the video (T, H, W) = {(t, h, w)}",

@@ -279,7 +279,15 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
             yield i, make_example(c.seed, split, i, c.num_frames, c.size)
 
 
+NAME = MovingShapes.name  # "moving_shapes", the TFDS name (config.data.name)
 CONFIG_NAMES: tuple[str, ...] = tuple(c.name for c in MovingShapes.BUILDER_CONFIGS)
+
+
+def video_shape(config: str) -> tuple[int, int, int, int]:
+    """(T, S, S, 3) of the videos of builder config `config` (e.g. "8x16" -> (8, 16, 16, 3))."""
+    _check_config(config)
+    c = next(c for c in MovingShapes.BUILDER_CONFIGS if c.name == config)
+    return (c.num_frames, c.size, c.size, 3)
 
 
 def _check_config(config: str) -> None:

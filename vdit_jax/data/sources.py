@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from vdit_jax import cli, paths
 from vdit_jax.data import latent_text, moving_shapes, pipeline
 
-MOVING_SHAPES = "moving_shapes"
+MOVING_SHAPES = moving_shapes.NAME
 SYNTHETIC_LATENT_TEXT = latent_text.NAME
 BUILT_IN = (MOVING_SHAPES, SYNTHETIC_LATENT_TEXT)  # datasets this package builds itself
 SAMPLE_SPLIT = "test"  # where the texts of training-time and CLI samples are drawn from
