@@ -292,7 +292,7 @@ def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
     apply_fn = Partial(_apply_fn(mc), params)
     model_fn = diffusion.cfg_model_fn(apply_fn, cond, null, guidance)
     d = config.diffusion
-    sched = diffusion.make_schedule(d.schedule, d.num_timesteps, prediction=d.prediction)
+    sched = config_lib.schedule(config)
     x = batch["video"]
     t = jnp.full((b,), d.num_timesteps - 1, jnp.int32)
     with step_lib.logical_context(mesh, rules):

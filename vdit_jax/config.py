@@ -11,6 +11,7 @@ import dataclasses
 
 import ml_collections
 
+from vdit_jax import diffusion
 from vdit_jax.data import moving_shapes
 from vdit_jax.diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, TIMESTEP_SAMPLINGS
 from vdit_jax.models import dit
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "cosine"  # linear / scaled_linear / cosine
     c.diffusion.num_timesteps = 1000
+    c.diffusion.zero_terminal_snr = False  # rescale to ᾱ_(T-1) = 0 (Lin et al. 2024); needs prediction v or x0
     c.diffusion.prediction = "v"  # eps / v / x0
     c.diffusion.loss = "mse"  # mse / l1 (mean absolute error on the target; on the CPU demo l1 failed: README)
     c.diffusion.min_snr_gamma = 5.0  # 0 = plain MSE on the target
@@ -106,6 +108,14 @@ def model_config(config: ml_collections.ConfigDict) -> dit.DiTConfig:
     return dit.DiTConfig(**m)
 
 
+def schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
+    """The diffusion schedule of a config (`config.diffusion`); raises ValueError for one that cannot work."""
+    d = config.diffusion
+    return diffusion.make_schedule(
+        d.schedule, d.num_timesteps, prediction=d.prediction, zero_terminal_snr=d.zero_terminal_snr
+    )
+
+
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
     """(T', H, W, C) of a training example: `data.num_frames` frames taken every `data.frame_stride` frames
     (num_frames 0: as many as the stride allows, ceil(T / stride)), as the input pipeline cuts them."""
@@ -135,6 +145,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _one_of(config, "sample.ddpm_variance", DDPM_VARIANCES)
     d, tr, s = config.diffusion, config.train, config.sample
     _check(d.num_timesteps >= 2, f"config.diffusion.num_timesteps={d.num_timesteps} must be >= 2")
+    try:
+        schedule(config)
+    except ValueError as e:
+        raise ConfigError(f"config.diffusion: {e}") from None
     _check(d.min_snr_gamma >= 0, f"config.diffusion.min_snr_gamma={d.min_snr_gamma} must be >= 0 (0 = off)")
     _check(
         0 <= d.min_snr_floor <= max(d.min_snr_gamma, 0),

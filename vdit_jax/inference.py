@@ -107,8 +107,7 @@ def sample(
         raise ValueError(f"labels must be in [0, {model_cfg.num_classes}), got {labels.tolist()}")
     if model_cfg.text_dim and len(labels) != len(text):
         raise ValueError(f"got {len(labels)} labels but {len(text)} texts: give one of each per video")
-    d = config.diffusion
-    sched = diffusion.make_schedule(d.schedule, d.num_timesteps, prediction=d.prediction)
+    sched = config_lib.schedule(config)
     shape = config_lib.input_shape(config)
     apply = Partial(_apply_fn(model_cfg), params)
     null = {}

@@ -52,9 +52,8 @@ def eps_to_x0(sched: Schedule, eps: jax.Array, x_t: jax.Array, t: jax.Array) -> 
 
 
 def x0_to_eps(sched: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:
-    return (_coef(sched.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / _coef(
-        sched.sqrt_recipm1_alphas_cumprod, t, x_t
-    )
+    # eps = (x_t - a x0) / s: finite at ᾱ = 0 (zero terminal SNR), where it is x_t
+    return (x_t - _coef(sched.sqrt_alphas_cumprod, t, x_t) * x0) / _coef(sched.sqrt_one_minus_alphas_cumprod, t, x_t)
 
 
 def v_to_x0(sched: Schedule, v: jax.Array, x_t: jax.Array, t: jax.Array) -> jax.Array:

@@ -163,7 +163,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
     step = functools.partial(
         train_step,
         model=dit.DiT(config_lib.model_config(config)),
-        sched=diffusion.make_schedule(d.schedule, d.num_timesteps, prediction=d.prediction),
+        sched=config_lib.schedule(config),
         tx=make_optimizer(config.train),
         tc=config.train,
         min_snr_gamma=d.min_snr_gamma or None,
