@@ -25,6 +25,16 @@ def test_cudnn_matches_plain_for_any_token_count(lq, lk):
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("head_dim", [6, 20, 120, 512])
+def test_cudnn_takes_any_head_width(head_dim):
+    """Widths cuDNN refuses unpadded (6, 20, 120: no multiple of 8) are padded; 512 is wider than it takes at all
+    and falls back to XLA. `dit_config("S", hidden_size=120, num_heads=6, dtype="bfloat16")` has width 20."""
+    q, k, v = (a.astype(jnp.bfloat16) for a in qkv(2, 300, 300, 2, head_dim, seed=head_dim))
+    out = attention.attend(q, k, v, implementation="cudnn")
+    want = reference(*(a.astype(jnp.float32) for a in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
 def test_cudnn_gradients_match_plain():
     q, k, v = (a.astype(jnp.bfloat16) for a in qkv(2, 300, 300, 2, 64, seed=9))
     w = jax.random.normal(jax.random.key(1), q.shape)

@@ -1,5 +1,7 @@
 """The attention entry point: padded/masked kernel paths, key masks, splash in interpret mode, sequence parallelism."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,28 @@ def test_masked_padded_xla_and_cudnn_compaction():
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"kv_mask must be \[B, Lk\] = \(4, 9\), got \(4, 8\)"):
         attention.attend(q, k, v, kv_mask=mask[:, :8])
+
+
+@pytest.mark.parametrize("head_dim", [6, 20, 64])
+def test_cudnn_path_pads_any_head_width(head_dim):
+    """`cudnn_attention`'s whole path (bf16 cast, key compaction, tokens padded to 64, the head width padded to a
+    multiple of 8 with the softmax scale of the true width) run through XLA on the CPU: equal to plain attention.
+    Widths 6 and 20 (hidden 120 with 6 heads) are ones cuDNN itself refuses unpadded."""
+    q, k, v = qkv(4, 37, 9, 2, head_dim, seed=11)
+    mask = jnp.asarray(MASK[[0, 1, 3, 1]])
+    got = jax.jit(functools.partial(attention.cudnn_attention, implementation="xla"))(q, k, v, mask)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    np.testing.assert_allclose(got, reference(q, k, v, mask), atol=2e-2, rtol=2e-2)  # bf16 inside
+
+
+def test_cudnn_max_head_dim_by_compute_capability():
+    class Gpu:
+        def __init__(self, cc):
+            self.compute_capability = cc
+
+    assert attention.cudnn_max_head_dim(Gpu("8.0")) == 128  # A100
+    assert attention.cudnn_max_head_dim(Gpu("9.0")) == 256  # H100 / H200
+    assert attention.cudnn_max_head_dim(jax.devices("cpu")[0]) == 128
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")

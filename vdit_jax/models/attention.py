@@ -7,7 +7,8 @@ Implementations (`DiTConfig.attention_impl`):
   auto    cudnn on NVIDIA GPUs for bf16/fp16 inputs, splash on TPU, xla elsewhere.
   xla     `jax.nn.dot_product_attention(implementation="xla")`: materialises the [Lq, Lk] scores.
   cudnn   cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) in bf16; the token axes
-          are padded to a multiple of 64 and the padding masked through the sequence lengths.
+          are padded to a multiple of 64 and the padding masked through the sequence lengths, the head width padded
+          to a multiple of 8 (wider than cuDNN takes: XLA, with one log line).
   splash  Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`): the token axes are padded
           to the kernel's block (128, or 512 for long sequences) and padded keys masked with segment ids; the head
           width is padded to a multiple of 128 lanes (zeros change no score). `interpret=True` runs the kernel on
@@ -38,11 +39,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SEQUENCE_PARALLEL = ("allgather", "ring")
 CUDNN_BLOCK = 64
+CUDNN_HEAD_MULTIPLE = 8  # cuDNN flash attention takes head widths that are multiples of 8 (and at most 128 / 256)
 SPLASH_LANES = 128
 _MASKED_LOGIT = -1e30  # a masked key's logit in float32 ring attention: finite, so no inf - inf
 
@@ -104,24 +107,52 @@ def compact_keys(k: jax.Array, v: jax.Array, kv_mask: jax.Array) -> tuple[jax.Ar
     return take(k), take(v), jnp.sum(kv_mask, axis=1, dtype=jnp.int32)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None = None) -> jax.Array:
-    """cuDNN flash attention in bf16 (f32 inputs are cast), token axes padded to 64 and masked by length; a key
-    mask becomes a length after `compact_keys`."""
-    dtype, lq, b = q.dtype, q.shape[1], q.shape[0]
+def cudnn_max_head_dim(device=None) -> int:
+    """The widest head cuDNN flash attention takes: 256 on Hopper (compute capability 9) and newer, else 128."""
+    device = device or jax.devices()[0]
+    try:
+        major = int(str(getattr(device, "compute_capability", "0")).split(".")[0])
+    except ValueError:
+        major = 0
+    return 256 if major >= 9 else 128
+
+
+def cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None = None, *, implementation: str = "cudnn"
+) -> jax.Array:
+    """cuDNN flash attention in bf16 (f32 inputs are cast): token axes padded to 64 and masked by length (a key mask
+    becomes a length after `compact_keys`), the head width padded with zeros to a multiple of 8 (cuDNN's constraint;
+    zeros change no score, and the softmax keeps the scale 1/sqrt(true width)). A head wider than cuDNN takes
+    (`cudnn_max_head_dim`) runs plain XLA attention instead, with one log line.
+
+    `implementation="xla"` runs this same padded, masked call through XLA (how the CPU tests check the path).
+    """
+    dtype, lq, b, d = q.dtype, q.shape[1], q.shape[0], q.shape[-1]
+    padded_d = -(-d // CUDNN_HEAD_MULTIPLE) * CUDNN_HEAD_MULTIPLE
+    if implementation == "cudnn" and padded_d > cudnn_max_head_dim():
+        logging.log_first_n(
+            logging.WARNING,
+            "attention heads of width %d are wider than cuDNN flash attention takes (%d): using XLA attention",
+            1,
+            d,
+            cudnn_max_head_dim(),
+        )
+        return xla_attention(q, k, v, kv_mask=kv_mask)
     kv_len = jnp.full((b,), k.shape[1], jnp.int32)
     if kv_mask is not None:
         k, v, kv_len = compact_keys(k, v, kv_mask)
     cast = lambda a: a if a.dtype in (jnp.bfloat16, jnp.float16) else a.astype(jnp.bfloat16)
-    q, k, v = (_pad_axis(cast(a), 1, CUDNN_BLOCK) for a in (q, k, v))
+    q, k, v = (_pad_axis(_pad_axis(cast(a), 1, CUDNN_BLOCK), 3, CUDNN_HEAD_MULTIPLE) for a in (q, k, v))
     out = jax.nn.dot_product_attention(
         q,
         k,
         v,
+        scale=1.0 / math.sqrt(d),
         query_seq_lengths=jnp.full((b,), lq, jnp.int32),
         key_value_seq_lengths=kv_len,
-        implementation="cudnn",
+        implementation=implementation,
     )
-    return out[:, :lq].astype(dtype)
+    return out[:, :lq, :, :d].astype(dtype)
 
 
 def splash_block(length: int) -> int:
