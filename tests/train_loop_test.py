@@ -138,7 +138,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, data_dir):
     proc = _run(_train_cmd(workdir, data_dir, "--config.train.num_steps=6"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("W") and "checkpoint" in line]
-    assert any("4" in line for line in warnings), proc.stderr[-3000:]
+    assert any("Checkpoint at step 4 " in line and "unreadable" in line for line in warnings), proc.stderr[-3000:]
     assert "resumed from step 2" in proc.stderr, proc.stderr[-3000:]
     assert os.path.isdir(workdir / "checkpoints" / "4.corrupt")  # kept for the user, never deleted
     assert max(_losses(workdir)) == 6

@@ -45,17 +45,19 @@ def test_nonfinite_batch_is_skipped_and_counted():
     batches = helpers.random_batches(config, 3)
     batches[1] = dict(batches[1], video=batches[1]["video"].at[0, 0, 0, 0, 0].set(jnp.nan))
     state, metrics = run_steps(config, jax.devices()[:1], batches[:1])
-    before = jax.device_get(state.params)
+    kept = lambda st: jax.device_get((st.params, st.ema_params, st.opt_state))
+    before = kept(state)
     mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
     rules = sh.rules_from_config(config.logical_axis_rules)
     step = step_lib.make_train_step(config, mesh, rules)
     with step_lib.logical_context(mesh, rules):
         state, bad = step(state, batches[1])
-        after_bad = jax.device_get(state.params)
+        after_bad = kept(state)
         state, good = step(state, batches[2])
     assert not np.isfinite(bad["loss"]) and float(bad["finite"]) == 0.0
     assert int(bad["nonfinite_total"]) == 1 and int(bad["nonfinite_streak"]) == 1
-    jax.tree.map(np.testing.assert_array_equal, before, after_bad)  # the update was skipped
+    # The update was skipped whole: parameters, EMA and optimizer state (Adam moments and count) unchanged.
+    jax.tree.map(np.testing.assert_array_equal, before, after_bad)
     assert int(good["nonfinite_total"]) == 1 and int(good["nonfinite_streak"]) == 0
     assert int(state.step) == 3 and np.isfinite(good["loss"])
 
