@@ -5,9 +5,9 @@
 # Running it again resumes (or, when training is done, only samples and evaluates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/setup.sh dev
+source launch/setup.sh video  # the package and its video writers: no dev tools, no libtpu
 WORKDIR="${WORKDIR:-runs/demo}"
-export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"  # the CPU demo (libtpu from the dev extra would otherwise probe for TPUs)
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"  # the CPU demo, even in a .venv where the tests installed libtpu
 start=$(date +%s)
 echo "[demo] training configs/moving_shapes.py:tiny into $WORKDIR"
 python -m vdit_jax.train --config=configs/moving_shapes.py:tiny --workdir="$WORKDIR" "$@"
