@@ -1,5 +1,8 @@
 """Config validation: each bad value gives one clear ConfigError naming it, before anything compiles."""
 
+import re
+
+import ml_collections
 import pytest
 
 from configs import moving_shapes
@@ -15,11 +18,14 @@ def test_shipped_variants_validate():
 
 
 def _set(config, key, value):
-    node = config
+    """`config` with `key` set to `value`, of any type (as a config.json read back, or a replaced sub-dict, holds)."""
+    d = config.to_dict()
+    node = d
     *parents, leaf = key.split(".")
     for p in parents:
         node = node[p]
     node[leaf] = value
+    return ml_collections.ConfigDict(d)
 
 
 @pytest.mark.parametrize(
@@ -57,11 +63,51 @@ def _set(config, key, value):
         ("diffusion.timestep_logit_std", 0.0, 1, "timestep_logit_std=0.0 must be > 0"),
         ("diffusion.loss", "huber", 1, r"config.diffusion.loss='huber' is not allowed; use one of \['mse', 'l1'\]"),
         ("logical_axis_rules", (("embed", "pipeline"),), 1, "unknown mesh axes"),
+        # Keys and types (every leaf of base_config: test_every_leaf_refuses_a_value_of_the_wrong_type).
+        (
+            "train.nmu_steps",
+            3,
+            1,
+            r"config.train.nmu_steps is not a config key .*did you mean config.train.num_steps\?",
+        ),
+        ("sede", 1, 1, r"config.sede is not a config key .*did you mean config.seed\?"),
+        ("train", 3, 1, "config.train=3 must be a ConfigDict"),
+        ("train.num_steps", "oops", 1, "config.train.num_steps='oops' must be an int"),
+        ("train.num_steps", 10.5, 1, "config.train.num_steps=10.5 must be an int"),
+        ("train.log_every", True, 1, "config.train.log_every=True must be an int"),
+        ("model.qk_norm", "yes", 1, "config.model.qk_norm='yes' must be a bool"),
+        ("diffusion.min_snr_gamma", float("nan"), 1, "config.diffusion.min_snr_gamma=nan must be a finite number"),
+        ("train.learning_rate", float("inf"), 1, "config.train.learning_rate=inf must be a finite number"),
+        ("data.name", 7, 1, "config.data.name=7 must be a str"),
+        ("data.video_shape", (4, 8, "8", 3), 1, "config.data.video_shape=.* must be a tuple of ints"),
+        ("model.windows", ((2, 2),), 1, r"config.model.windows=\(\(2, 2\),\) must be a tuple of \(t, h, w\) int"),
+        ("model.out_channels", "3", 1, "config.model.out_channels='3' must be None or an int"),
+        ("mesh_shape.data", "all", 1, "config.mesh_shape.data='all' must be an int"),
+        ("logical_axis_rules", (("embed",),), 1, "config.logical_axis_rules=.* must be a tuple of .* pairs"),
+        # Values.
+        ("logical_axis_rules", (("embd", "fsdp"),), 1, "names 'embd', which is not a logical axis of the model"),
+        ("mesh_shape.fsdp", -1, 8, "at most one -1 axis"),
+        ("model.out_channels", 6, 1, "config.model.out_channels=6 must be None or in_channels=3"),
+        ("model.remat", "some", 1, "remat 'some' is not one of"),
+        ("model.dtype", "int8", 1, "dtype 'int8' is not one of"),
+        ("model.pos_emb", "learned", 1, "pos_emb 'learned' is not one of"),
+        ("model.attention_impl", "flash", 1, "attention_impl 'flash' is not one of"),
+        ("model.sequence_parallel", "ulysses", 1, "sequence_parallel 'ulysses' is not one of"),
+        ("model.label_factors", (3, 2), 1, r"label_factors \(3, 2\) must be positive with product num_classes \(4\)"),
+        ("train.warmup_steps", 21, 1, r"config.train.warmup_steps=21 must be in \[0, num_steps=20\]"),
+        ("data.split", "", 1, "config.data.split='' must be a non-empty str"),
+        ("data.feature_key", "", 1, "config.data.feature_key='' must be a non-empty str"),
+        ("data.num_classes", -1, 1, r"config.data.num_classes=-1 must be >= 0 \(0 = unconditional\)"),
+        ("data.label_key", "", 1, "config.data.label_key='' .* but config.data.num_classes=4"),
+        ("data.video_shape", (4, 8, 8), 1, r"config.data.video_shape=\(4, 8, 8\) must be \(T, H, W, C\)"),
+        ("data.text_len", 8, 1, "config.data.text_len=8 and config.model.text_dim=0 must both be > 0"),
+        ("diffusion.min_snr_floor", 6.0, 1, r"min_snr_floor=6.0 must be in \[0, min_snr_gamma=5.0\]"),
+        ("diffusion.num_timesteps", 1, 1, "config.diffusion.num_timesteps=1 must be >= 2"),
+        ("sample.ddpm_variance", "learned", 1, "config.sample.ddpm_variance='learned' is not allowed"),
     ],
 )
 def test_validation_errors(key, value, devices, match):
-    config = helpers.tiny_config()
-    _set(config, key, value)
+    config = _set(helpers.tiny_config(), key, value)
     with pytest.raises(config_lib.ConfigError, match=match):
         config_lib.validate(config, num_devices=devices)
 
@@ -113,3 +159,67 @@ def test_frame_stride_sets_the_input_length_and_its_window_must_fit():
     c.data.frame_stride = 4  # frames 0 and 4 of a 4-frame video
     with pytest.raises(config_lib.ConfigError, match="num_frames=2 with frame_stride=4 needs a window of 5 frames"):
         config_lib.validate(c, 1)
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _refused(config, key, value) -> str:
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(_set(config, key, value), num_devices=1)
+    return str(e.value)
+
+
+def test_every_leaf_refuses_a_value_of_the_wrong_type():
+    config = helpers.tiny_config()
+    leaves = dict(_leaves(config))
+    assert set(leaves) == set(dict(_leaves(config_lib.base_config())))
+    for key, default in leaves.items():
+        value = 7 if isinstance(default, str) else "oops"
+        message = _refused(config, key, value)
+        assert re.match(re.escape(f"config.{key}={value!r} must be "), message), (key, message)
+
+
+# Leaves where -1 is meaningful, or that hold no count or size.
+NEGATIVE_ALLOWED = {
+    "mesh_shape.data": "-1 = the rest of the devices",
+    "diffusion.timestep_logit_mean": "any real: the mean of the logit-normal",
+    "model.windows": "read only with attention='windowed' (DiTConfig refuses a non-positive window there)",
+    "logical_axis_rules": "names, not numbers",
+}
+
+
+def test_every_count_and_size_refuses_minus_one():
+    config = helpers.tiny_config()
+    for key, default in _leaves(config):
+        if key in NEGATIVE_ALLOWED or isinstance(default, bool | str):
+            continue
+        value = (-1,) * max(len(default), 1) if isinstance(default, tuple) else -1  # ints, floats, out_channels
+        message = _refused(config, key, value)
+        assert key.split(".")[-1] in message, (key, message)
+
+
+# Str leaves that take any name: a dataset, its feature names, a split, a directory.
+ANY_STR = ("data.name", "data.builder_config", "data.data_dir", "data.split", "data.feature_key", "data.label_key")
+
+
+def test_every_named_choice_refuses_an_unknown_name():
+    config = helpers.tiny_config()
+    names = [key for key, default in _leaves(config) if isinstance(default, str)]
+    assert set(ANY_STR) <= set(names)
+    for key in names:
+        if key not in ANY_STR:
+            message = _refused(config, key, "oops")
+            assert "'oops'" in message and key.split(".")[-1] in message, (key, message)
+
+
+def test_a_missing_key_is_refused():
+    config = helpers.tiny_config()
+    del config.train["checkpoint_every"]
+    with pytest.raises(config_lib.ConfigError, match="config.train.checkpoint_every is missing"):
+        config_lib.validate(config, num_devices=1)

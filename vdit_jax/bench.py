@@ -394,17 +394,6 @@ def to_json(result: dict) -> str:
 # The command line (flags are defined only when run as a program, so importing this module defines none).
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, but a bad flag is one line on stderr and exit code 2."""
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        cli.fail(lines[-1] if lines else "bad flags; see --help")
-
-
 def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
@@ -424,7 +413,7 @@ def main() -> None:
         )
         print(to_json(result), flush=True)
 
-    app.run(_main, flags_parser=_parse_flags)
+    app.run(_main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ line naming the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import numbers
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -48,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dataclasses.asdict(dit.dit_config("tiny")))
     c.model.patch_size = (1, 4, 4)
     c.model.windows = ((4, 8, 8), (2, 4, 4))
+    c.model.out_channels = ml_collections.config_dict.placeholder(int)  # None (= in_channels), typed for overrides
 
     # Diffusion.
     c.diffusion = ml_collections.ConfigDict()
@@ -135,8 +140,78 @@ def _one_of(config, key: str, allowed):
     _check(value in allowed, f"config.{key}={value!r} is not allowed; use one of {list(allowed)}")
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_seq(v, item=lambda _: True) -> bool:
+    return isinstance(v, list | tuple) and all(item(x) for x in v)
+
+
+def _is_rule(rule) -> bool:
+    if not (isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+        return False
+    axes = rule[1]
+    return axes is None or isinstance(axes, str) or _is_seq(axes, lambda a: isinstance(a, str))
+
+
+# What a leaf may hold where its base value does not say (tuples, None); every other leaf takes its base value's
+# type (an int for a float is fine).
+_LEAF_TYPES = {
+    "data.video_shape": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
+    "model.patch_size": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
+    "model.label_factors": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
+    "model.windows": (
+        "a tuple of (t, h, w) int triples",
+        lambda v: _is_seq(v, lambda w: _is_seq(w, _is_int) and len(w) == 3),
+    ),
+    "model.out_channels": ("None or an int", lambda v: v is None or _is_int(v)),
+    "logical_axis_rules": ("a tuple of (logical_name, mesh_axes) pairs", lambda v: _is_seq(v, _is_rule)),
+}
+_BASE_TYPES = {
+    bool: ("a bool", lambda v: isinstance(v, bool)),
+    int: ("an int", _is_int),
+    float: ("a finite number", _is_number),
+    str: ("a str", lambda v: isinstance(v, str)),
+}
+
+
+def _check_keys_and_types(config, base, prefix: str = ""):
+    """Every key of `base` is in `config` with a value of the right type, and `config` has no other key."""
+    for key in config.keys():
+        if key not in base:
+            close = difflib.get_close_matches(key, list(base.keys()), n=1)
+            hint = f"; did you mean config.{prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"config.{prefix}{key} is not a config key (see vdit_jax.config.base_config){hint}")
+    for key, default in base.items():
+        path = f"{prefix}{key}"
+        _check(key in config, f"config.{path} is missing (every key of vdit_jax.config.base_config must be set)")
+        value = config[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            _check(
+                isinstance(value, ml_collections.ConfigDict | Mapping), f"config.{path}={value!r} must be a ConfigDict"
+            )
+            if path == "mesh_shape":  # axes may be left out (size 1); unknown ones are refused by the mesh check
+                for axis, size in value.items():
+                    _check(_is_int(size), f"config.mesh_shape.{axis}={size!r} must be an int")
+            else:
+                _check_keys_and_types(value, default, f"{path}.")
+            continue
+        what, ok = _LEAF_TYPES.get(path) or _BASE_TYPES[type(default)]
+        _check(ok(value), f"config.{path}={value!r} must be {what}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1):
-    """Checks every value that could otherwise fail deep inside XLA or halfway through a run."""
+    """Checks every value that could otherwise fail deep inside XLA or halfway through a run.
+
+    First every key and the type of its value (against `base_config()`), then each value's range; the first bad
+    value raises `ConfigError` naming the key, the value and what is allowed.
+    """
+    _check_keys_and_types(config, base_config())
     _one_of(config, "diffusion.schedule", SCHEDULES)
     _one_of(config, "diffusion.prediction", PREDICTIONS)
     _one_of(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)
@@ -180,7 +255,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         _check(tr[key] >= 1, f"config.train.{key}={tr[key]} must be >= 1")
     _check(tr.learning_rate > 0, f"config.train.learning_rate={tr.learning_rate} must be > 0")
     _check(0 <= tr.ema_decay < 1, f"config.train.ema_decay={tr.ema_decay} must be in [0, 1)")
-    _check(tr.warmup_steps >= 0, f"config.train.warmup_steps={tr.warmup_steps} must be >= 0")
+    _check(
+        0 <= tr.warmup_steps <= tr.num_steps,
+        f"config.train.warmup_steps={tr.warmup_steps} must be in [0, num_steps={tr.num_steps}]",
+    )
+
+    # The data.
+    da = config.data
+    for key in ("name", "split", "feature_key"):
+        _check(da[key] != "", f"config.data.{key}='' must be a non-empty str")
+    _check(da.num_classes >= 0, f"config.data.num_classes={da.num_classes} must be >= 0 (0 = unconditional)")
+    _check(
+        da.num_classes == 0 or da.label_key != "",
+        f"config.data.label_key='' (no labels) but config.data.num_classes={da.num_classes}: a class-conditional "
+        "model needs the label feature",
+    )
 
     # The network, its input and the patch size.
     try:
@@ -190,6 +279,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     shape = tuple(config.data.video_shape)
     _check(len(shape) == 4 and min(shape) > 0, f"config.data.video_shape={shape} must be (T, H, W, C) > 0")
     _check(mc.in_channels == shape[3], f"config.model.in_channels={mc.in_channels} != video channels {shape[3]}")
+    _check(
+        mc.out_channels in (None, mc.in_channels),
+        f"config.model.out_channels={mc.out_channels} must be None or in_channels={mc.in_channels} (the network "
+        "predicts eps / v / x0, shaped like its input)",
+    )
     _check(
         0 <= config.data.num_frames <= shape[0],
         f"config.data.num_frames={config.data.num_frames} must be in [0, {shape[0]}] (0 = all frames)",
@@ -238,9 +332,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     except ValueError as e:
         raise ConfigError(f"config.mesh_shape: {e}") from None
     try:
-        sh.rules_from_config(config.logical_axis_rules)
+        rules = sh.rules_from_config(config.logical_axis_rules)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
+    known = [name for name, _ in sh.default_rules()]
+    for name, _ in rules:
+        _check(
+            name in known,
+            f"config.logical_axis_rules names {name!r}, which is not a logical axis of the model; use one of {known}",
+        )
     sizes = dict(zip(sh.MESH_AXES, shape_))
     data_ways = sizes[sh.DATA] * sizes[sh.FSDP]
     micro = tr.global_batch_size // tr.grad_accum_steps

@@ -23,6 +23,8 @@ flags.mark_flags_as_required(["samples"])
 
 def load_samples(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(videos, prompts) from a samples.npz; cli.UsageError naming the file and what is wrong with it."""
+    if os.path.isdir(path):
+        raise cli.UsageError(f"--samples={path!r} is a directory; give the .npz file (e.g. DIR/samples.npz)")
     if not os.path.isfile(path):
         raise cli.UsageError(f"--samples={path!r}: no such file")
     if not zipfile.is_zipfile(path):
@@ -62,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
