@@ -1,5 +1,7 @@
 """The sharded train step: same losses on 1 and 8 devices, non-finite updates skipped, accumulation, EMA."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,9 @@ from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 
 
-def run_steps(config, devices, batches, mesh_shape=None):
+def run_steps(config, devices, batches, mesh_shape=None, history=None):
+    """(final state, per-step metrics); `history`, a list, receives host copies of the state before and after each
+    step."""
     if mesh_shape is not None:
         config.mesh_shape.update(mesh_shape)
     mesh = mesh_lib.make_mesh(config.mesh_shape.to_dict(), devices)
@@ -22,8 +26,12 @@ def run_steps(config, devices, batches, mesh_shape=None):
     out = []
     with step_lib.logical_context(mesh, rules):
         for batch in batches:
+            if history is not None and not history:
+                history.append(jax.device_get(state))
             state, metrics = step(state, batch)
             out.append(jax.device_get(metrics))
+            if history is not None:
+                history.append(jax.device_get(state))
     return state, out
 
 
@@ -63,18 +71,24 @@ def test_nonfinite_batch_is_skipped_and_counted():
 
 
 def test_gradient_accumulation_and_ema():
+    """The EMA update rule, step by step: ema' = d * ema + (1 - d) * params' with d = min(ema_decay, (1 + step) /
+    (10 + step)) at the step's index; ema_decay = 0.2 makes both sides of the min count (d = 0.1, 2/11, 0.2)."""
     config = helpers.tiny_config(self_condition=True)  # the self-conditioned step (a second pass on half the steps)
-    config.train.grad_accum_steps = 2
-    batches = helpers.random_batches(config, 2)
-    state, metrics = run_steps(config, jax.devices()[:1], batches)
+    config.train.update(grad_accum_steps=2, learning_rate=1e-2, warmup_steps=0, ema_decay=0.2)
+    history = []
+    state, metrics = run_steps(config, jax.devices()[:1], helpers.random_batches(config, 3), history=history)
     assert all(np.isfinite(m["loss"]) for m in metrics)
     # The config's self_condition reached the model: x0 estimate beside x, so twice the patch width in.
     pt, ph, pw = config.model.patch_size
     assert state.params["patch_embed"]["kernel"].shape[0] == 2 * pt * ph * pw * 3
-    # EMA warm-up: decay = min(ema_decay, (1 + step) / (10 + step)) -> the EMA trails the params but moved.
-    p, e = jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)
-    moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(p, e))
-    assert moved > 0
+    gap = lambda a, b: max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    for before, after in zip(history, history[1:]):
+        step = int(before.step)
+        decay = np.float32(min(0.2, (1 + step) / (10 + step)))
+        expected = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * p, before.ema_params, after.params)
+        chex.assert_trees_all_close(after.ema_params, expected, rtol=1e-6, atol=1e-7)
+        # Each step tests the rule on an update far above the tolerance (a decay off by 0.01 shows).
+        assert gap(before.ema_params, after.params) > 1e-3, step
 
 
 def test_accumulated_step_equals_full_batch_step():
@@ -90,6 +104,36 @@ def test_accumulated_step_equals_full_batch_step():
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
     chex.assert_trees_all_close(s4.params, s1.params, atol=1e-5)
+
+
+def test_accumulated_micro_batches_stay_on_their_data_devices():
+    """grad_accum_steps=2 on data=4: micro-batch i holds examples i, i + 2, ..., so it spans all four devices as the
+    global batch does, and the only collective of the compiled step is the gradient all-reduce (a contiguous split
+    put each micro-batch on two devices: collective-permutes and all-gathers of the videos in the scan). The update
+    is still the full-batch one."""
+    batches = helpers.random_batches(helpers.tiny_config(), 2)
+    full_state, full = run_steps(helpers.tiny_config(), jax.devices()[:1], batches)
+    config = helpers.tiny_config()
+    config.train.grad_accum_steps = 2
+    config.mesh_shape.update({"data": 4})
+    mesh = mesh_lib.make_mesh(config.mesh_shape.to_dict(), jax.devices()[:4])
+    rules = sh.rules_from_config(config.logical_axis_rules)
+    state = state_lib.create_train_state(config, mesh, rules, jax.random.key(config.seed))
+    with step_lib.logical_context(mesh, rules):
+        compiled = step_lib.make_train_step(config, mesh, rules).lower(state, batches[0]).compile()
+        metrics = []
+        for batch in batches:
+            state, m = compiled(state, batch)
+            metrics.append(jax.device_get(m))
+    hlo = compiled.as_text()
+    collectives = set(
+        re.findall(r" (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+    )
+    assert collectives == {"all-reduce"}
+    for a, b in zip(full, metrics, strict=True):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+        np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
+    chex.assert_trees_all_close(state.params, full_state.params, atol=1e-5)
 
 
 def test_config_loss_and_timestep_sampling_reach_the_step():

@@ -115,7 +115,12 @@ def train_step(
     if k == 1:
         (loss, mse), grads = grad_fn(state.params, video, labels, t, noise, text, text_mask, self_cond_rng)
     else:
-        split = lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:])
+
+        def split(a):  # [B, ...] -> [k, B / k, ...]: micro-batch i holds examples i, i + k, i + 2k, ...
+            # Strided, not contiguous: each device's rows of the batch go to every micro-batch in equal parts, so
+            # every micro-batch spans all data devices as the batch did and the split moves nothing between them.
+            a = a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+            return nn.with_logical_constraint(a, (None, sh.BATCH) + (None,) * (a.ndim - 2))
 
         def accumulate(carry, micro):
             (loss_i, mse_i), g = grad_fn(state.params, *micro, self_cond_rng)
