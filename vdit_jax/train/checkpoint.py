@@ -181,12 +181,18 @@ class Checkpointer:
 
     # --------------------------------------------------------------- restore
 
-    def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> tuple[int, Any]:
+    def restore(
+        self, abstract_state: Any, data_iterator: Any = None, step: int | None = None, *, partial: bool = False
+    ) -> tuple[int, Any]:
         """Restores `(step, state)` onto the shardings of `abstract_state`.
 
         `abstract_state` is the state's pytree with `jax.ShapeDtypeStruct` leaves carrying a
         `.sharding` (or concrete arrays): a checkpoint written on any mesh restores onto it.
         `data_iterator`, when given, is moved in place to the saved position.
+
+        With `partial=True`, `abstract_state` is a nested dict of some of the saved fields (a `TrainState` is saved
+        as a dict of its fields), e.g. `{"ema_params": ...}`: only those arrays are read, the rest of the saved
+        state (whatever its structure) is neither read nor allocated, and that dict comes back.
 
         With `step=None` restores the newest checkpoint. If that one is shown to be unreadable (files missing,
         truncated or garbled: see `is_unreadable`) it logs a warning naming the step and the error and tries the
@@ -207,7 +213,7 @@ class Checkpointer:
                 raise FileNotFoundError(
                     f"No checkpoint for step {step} in {self.directory}; available steps: {list(self.all_steps())}"
                 )
-            return step, self._restore_step(step, abstract_state, data_iterator)
+            return step, self._restore_step(step, abstract_state, data_iterator, partial)
 
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
@@ -216,7 +222,7 @@ class Checkpointer:
         for i, candidate in enumerate(steps):
             error: Exception | None = None
             try:
-                state = self._restore_step(candidate, abstract_state, data_iterator)
+                state = self._restore_step(candidate, abstract_state, data_iterator, partial)
             except Exception as e:  # classified below: only damaged files mean "try the previous checkpoint"
                 state, error = None, e
             if error is not None and is_unreadable(error):
@@ -254,8 +260,13 @@ class Checkpointer:
             f"(all left in place):\n{listing}"
         )
 
-    def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any, partial: bool = False) -> Any:
+        if partial:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+            state_args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=True)
+        else:
+            state_args = ocp.args.StandardRestore(abstract_state)
+        items = {STATE: state_args}
         if data_iterator is not None:
             if (self.directory / str(step) / DATA).exists():
                 items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -265,8 +276,13 @@ class Checkpointer:
                     step,
                     self.directory,
                 )
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored[STATE]
+        if not partial:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+        # Orbax binds an item to one kind of handler per manager (this one's state item to StandardSave / Restore
+        # once used): a partial read goes through a read-only manager of its own.
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        with ocp.CheckpointManager(self.directory, options=options, item_names=ITEM_NAMES) as reader:
+            return reader.restore(step, args=ocp.args.Composite(**items))[STATE]
 
     def _quarantine(self, steps: Sequence[int]) -> None:
         """Renames unreadable step directories out of orbax's sight (process 0 only)."""
