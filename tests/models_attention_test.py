@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.models_dit_test import inputs, randomize, tiny
-from vdit_jax.models import attention, dit
+from vdit_jax.models import attention, blockwise, dit, layers
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 
@@ -163,8 +163,11 @@ def test_attend_rejects_unknown_sequence_parallel():
 AXES = (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV)
 
 
-@pytest.mark.parametrize("mode", attention.SEQUENCE_PARALLEL)
-@pytest.mark.parametrize("impl", ["xla", "splash"])
+@pytest.mark.parametrize(
+    "mode,impl",
+    # Ring attention is one blockwise kernel whatever the implementation: it runs once.
+    [("allgather", "xla"), ("allgather", "splash"), ("ring", "xla")],
+)
 def test_sequence_parallel_attention_matches_unsharded(mode, impl):
     """Tokens split 4 ways over `sequence` (batch 2 ways over `data`), with a key mask (one example with scattered
     real keys, one with none): outputs and q/k/v gradients equal the unsharded reference."""
@@ -193,6 +196,60 @@ def test_sequence_parallel_attention_matches_unsharded(mode, impl):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 
 
+def test_ring_ignores_the_implementation():
+    """`attend` runs the same ring kernel for every implementation: splash's HLO is xla's."""
+    q, k, v = qkv(2, 64, 64, 2, 16)
+    mesh = mesh_lib.make_mesh({"data": 2, "sequence": 4})
+    hlo = lambda impl: (
+        jax.jit(lambda q, k, v: attention.attend(q, k, v, implementation=impl, sequence_parallel="ring", q_axes=AXES))
+        .lower(q, k, v)
+        .as_text()
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sh.default_rules()):
+        assert hlo("splash") == hlo("xla")
+
+
+@pytest.mark.parametrize("block_q,block_k,masked", [(None, 4, True), (16, 5, True), (64, 64, False)])
+def test_blockwise_matches_plain(block_q, block_k, masked):
+    """Local blockwise attention (query and key blocks that divide neither 37 nor 9 tokens, or one block of each)
+    with and without a key mask: values and q/k/v gradients equal the reference; a query with no real key gets
+    zeros and finite (zero) gradients."""
+    q, k, v = qkv(4, 37, 9, 2, 8, seed=12)
+    mask = jnp.asarray(MASK) if masked else None
+    w = jax.random.normal(jax.random.key(13), q.shape)
+    fn = lambda q, k, v: blockwise.attention(q, k, v, mask, block_q=block_q, block_k=block_k)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)
+    out, got = jax.jit(lambda *a: (fn(*a), jax.grad(loss(fn), argnums=(0, 1, 2))(*a)))(q, k, v)
+    np.testing.assert_allclose(out, reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    if masked:
+        np.testing.assert_array_equal(out[2], 0.0)
+    want = jax.jit(jax.grad(loss(lambda q, k, v: reference(q, k, v, mask)), argnums=(0, 1, 2)))(q, k, v)
+    for g, e in zip(got, want, strict=True):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_ring_attention_blocks_without_keys():
+    """`ring_attention` itself (no `attend` around it), tokens over 4 shards: one example's keys all lie on one
+    shard (the other shards' blocks are all masked), another has none at all and gets zeros, never NaN; values and
+    gradients equal the reference."""
+    q, k, v = qkv(3, 32, 32, 2, 8, seed=14)
+    mask = jnp.zeros((3, 32), bool).at[0, 9:13].set(True).at[2].set(jnp.arange(32) % 3 == 0)  # example 1: no key
+    w = jax.random.normal(jax.random.key(15), q.shape)
+    mesh = mesh_lib.make_mesh({"data": 2, "sequence": 4})
+    spec = jax.sharding.PartitionSpec(None, "sequence")
+    ring = jax.shard_map(
+        lambda q, k, v, m: attention.ring_attention(q, k, v, "sequence", m), mesh=mesh, in_specs=spec, out_specs=spec
+    )
+    both = lambda f: jax.jit(lambda *a: (f(*a, mask), jax.grad(lambda *a: jnp.sum(f(*a, mask) * w), (0, 1, 2))(*a)))
+    (out, got), (expected, want) = both(ring)(q, k, v), both(reference)(q, k, v)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[1], 0.0)
+    for g, e in zip(got, want, strict=True):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_masked_cross_attention_kernel_per_shard():
     """Splash cross-attention under a mesh (queries split over `sequence`, text keys whole): the kernel runs per
     shard inside shard_map with its shard of the key mask."""
@@ -211,6 +268,48 @@ def test_masked_cross_attention_kernel_per_shard():
             mask,
         )
     np.testing.assert_allclose(out, reference(q, k, v, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_mesh_spec_keeps_the_longest_dividing_prefix():
+    """Batch x groups over (data, fsdp, sequence) on {data: 2, sequence: 4}: 32 rows over both, 12 over data only,
+    3 not at all (shard_map needs whole shards)."""
+    mesh = mesh_lib.make_mesh({"data": 2, "sequence": 4})
+    axes = (sh.GROUPS, None, sh.ACT_HEADS, sh.ACT_KV)
+    P = jax.sharding.PartitionSpec
+    with nn.logical_axis_rules(sh.default_rules()):
+        assert attention._mesh_spec((32, 8, 2, 4), axes, mesh) == P(("data", "sequence"), None, None, None)
+        assert attention._mesh_spec((12, 8, 2, 4), axes, mesh) == P("data", None, None, None)
+        assert attention._mesh_spec((3, 8, 2, 4), axes, mesh) == P(None, None, None, None)
+
+
+@pytest.mark.parametrize(
+    "layout,window,impl", [("spatial", None, "xla"), ("temporal", None, "splash"), ("window", (2, 2, 2), "splash")]
+)
+def test_grouped_attention_split_over_sequence(layout, window, impl, monkeypatch):
+    """Attention within groups (the factorized / windowed layouts) on a mesh {data: 2, sequence: 4}, with XLA
+    attention or through the kernels' shard_map path (XLA attention standing in for splash, so that XLA counts its
+    FLOPs): the folded batch x groups axis is split over data and sequence, so each device does 1/8 of the work
+    (XLA's FLOPs per device of the value and gradients; the kernel path did 1/2 of the attention when every
+    sequence device repeated its data shard's groups), with the output and gradients of one device."""
+    monkeypatch.setattr(attention, "splash_attention", lambda q, k, v, **kw: attention.xla_attention(q, k, v))
+    grid = (4, 4, 4)  # [T', H', W'] -> 64 tokens a video
+    x = jax.random.normal(jax.random.key(16), (2, 64, 16))
+    w = jax.random.normal(jax.random.key(17), x.shape)
+    layer = layers.Attention(num_heads=2, layout=layout, window=window, implementation=impl)
+    params = nn.unbox(randomize(layer.init(jax.random.key(0), x, grid, None), scale=0.3))
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(layer.apply(p, x, grid, None) * w), argnums=(0, 1)))
+    one_device = grad_fn.lower(params, x).compile()
+    expected, expected_grads = one_device(params, x)
+    mesh = mesh_lib.make_mesh({"data": 2, "sequence": 4})
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sh.default_rules()):
+        xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "sequence")))
+        sharded = grad_fn.lower(params, xs).compile()
+        got, grads = sharded(params, xs)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+    ratio = sharded.cost_analysis()["flops"] / one_device.cost_analysis()["flops"]
+    assert ratio < 1.15 / 8, ratio
 
 
 @pytest.mark.parametrize(

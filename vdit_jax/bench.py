@@ -1,6 +1,7 @@
 """Benchmark of the real train step or sampling loop on whatever backend is present; prints one JSON line.
 
     python -m vdit_jax.bench --config=configs/bench.py:S2 [--steps=5] [--peak_tflops=X] [--mode=train|sample]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m vdit_jax.bench --mode=attention_memory
 
 From a notebook: `bench.run(config, mode="train", steps=5)` returns the same dict. Nothing here reads a dataset:
 batches are synthetic arrays created on the devices with the shardings training uses.
@@ -10,6 +11,9 @@ train: builds the sharded train state (`vdit_jax.train.state.create_train_state`
 sample: times one denoising step — one model forward on the classifier-free-guidance batch [cond; null] of
   2 x `train.global_batch_size` videos (B videos when `sample.guidance` = 1, which skips the null branch, as the
   sampler does) — and the whole jitted DDIM loop (`vdit_jax.diffusion.ddim_sample`, `sample.steps` steps).
+attention_memory (no config): the temporary memory per device that XLA allocates for the jitted value-and-grad of
+  sequence-parallel self-attention (`attention.attend`, tokens split over a `sequence` axis of every device), once
+  with `allgather` and once with `ring` (`attention_memory`); compiled only, nothing runs, so fake CPU devices do.
 
 Model FLOPs (`forward_flops`) are analytic: 2 FLOPs per multiply-add of every matmul, nothing else (norms,
 softmax, activations and the optimiser are left out, as in MFU). With B videos of N tokens (attention groups of S
@@ -52,13 +56,13 @@ from jax.tree_util import Partial
 
 from vdit_jax import cli, diffusion
 from vdit_jax import config as config_lib
-from vdit_jax.models import dit, layers
+from vdit_jax.models import attention, dit, layers
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 
-MODES = ("train", "sample")
+MODES = ("train", "sample", "attention_memory")
 FREQUENCY_SIZE = 256  # width of the sinusoidal timestep features (layers.TimestepEmbedder)
 
 # Dense bf16 peak TFLOP/s per chip by device kind (lower-case substrings, first match wins; v5e before v5p).
@@ -328,8 +332,49 @@ def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
     return fields, [compiled]
 
 
+def attention_memory(
+    tokens: int = 4096, heads: int = 4, head_dim: int = 64, batch: int = 1, implementation: str = "xla"
+) -> dict:
+    """Temporary bytes per device of jit(value_and_grad) of self-attention q/k/v [batch, tokens, heads, head_dim]
+    (float32) with the tokens split over a `sequence` axis of all devices, for each `attention.SEQUENCE_PARALLEL`
+    mode, from `compiled.memory_analysis()` (deterministic: nothing is run or timed).
+
+    With P devices, all-gather attends each device's queries to all keys ([tokens / P, tokens] scores a head); ring
+    attention holds one [tokens / P, tokens / P] block at a time, forward and backward. `implementation` is the
+    kernel all-gather runs on the gathered keys (xla: the scores are materialised, as on the CPU).
+    """
+    n = jax.device_count()
+    if n < 2:
+        raise cli.UsageError(
+            "--mode=attention_memory needs several devices; on a CPU set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8"
+        )
+    if tokens % n:
+        raise cli.UsageError(f"tokens={tokens} must be a multiple of the {n} devices")
+    mesh = mesh_lib.make_mesh({sh.SEQUENCE: n})
+    axes = (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV)
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sh.SEQUENCE))
+    arg = jax.ShapeDtypeStruct((batch, tokens, heads, head_dim), jnp.float32, sharding=spec)
+    result = {"tokens": tokens, "heads": heads, "head_dim": head_dim, "batch": batch, "implementation": implementation}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sh.default_rules()):
+        for mode in attention.SEQUENCE_PARALLEL:
+            loss = lambda q, k, v, mode=mode: jnp.sum(
+                attention.attend(q, k, v, implementation=implementation, sequence_parallel=mode, q_axes=axes) ** 2
+            )
+            start = time.perf_counter()
+            compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(arg, arg, arg).compile()
+            compile_s = time.perf_counter() - start
+            m = compiled.memory_analysis()
+            if m is None:
+                raise cli.UsageError(f"the {jax.default_backend()} backend reports no compiled memory analysis")
+            result[mode] = {"temp_bytes": int(m.temp_size_in_bytes), "temp_mib": m.temp_size_in_bytes / 2**20}
+            result[mode]["compile_s"] = compile_s
+    result["ring_over_allgather"] = result["ring"]["temp_bytes"] / result["allgather"]["temp_bytes"]
+    return result
+
+
 def run(
-    config: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict | None,
     *,
     mode: str = "train",
     steps: int = 5,
@@ -339,6 +384,12 @@ def run(
     """Validates, builds the mesh, runs the benchmark; returns the JSON-ready result (see the module docstring)."""
     if mode not in MODES:
         raise cli.UsageError(f"--mode={mode!r} is not allowed; use one of {list(MODES)}")
+    if mode == "attention_memory":
+        device = jax.devices()[0]
+        fields = {"mode": mode, "backend": jax.default_backend(), "device_kind": device.device_kind}
+        return {**fields, "device_count": jax.device_count(), **attention_memory()}
+    if config is None:
+        raise cli.UsageError(f"--config is required for --mode={mode}")
     if steps < 1:
         raise cli.UsageError(f"--steps={steps} must be >= 1")
     if peak is not None and not peak > 0:
@@ -398,16 +449,17 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "Benchmark config (configs/bench.py:VARIANT).")
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "Benchmark config (configs/bench.py:VARIANT); not used by --mode=attention_memory."
+    )
     steps = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step; the median is reported.")
     peak = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: by device kind).")
     mode = flags.DEFINE_string("mode", "train", f"One of {list(MODES)}.")
-    flags.mark_flags_as_required(["config"])
 
     def _main(argv):
         if len(argv) > 1:
             cli.fail(f"unexpected arguments {argv[1:]}; see --help")
-        name = flags.FLAGS["config"].config_filename
+        name = flags.FLAGS["config"].config_filename if flags.FLAGS["config"].present else ""
         result = cli.run_guarded(
             run, config_flag.value, mode=mode.value, steps=steps.value, peak=peak.value, config_name=name
         )

@@ -26,7 +26,11 @@ Under a mesh (`jax.set_mesh`) with the logical rules in context, kernels (which 
 shard inside `jax.shard_map` with batch / heads / tokens split as the rules say. When the query tokens are split
 over the `sequence` axis (self-attention of the `full` layout), each shard needs every key: `allgather` gathers
 K and V over the axis (then any kernel runs locally), `ring` passes K/V blocks around the ring with `ppermute`
-and merges the partial results with their log-sum-exp (online softmax), so no shard ever holds all keys.
+and merges the partial results with their log-sum-exp (online softmax, `vdit_jax.models.blockwise`), so no shard
+ever holds all keys. Ring attention is its own blockwise kernel (einsums per block, float32 accumulation, a
+custom VJP that recomputes each block's scores): it runs the same for every `implementation`, and its memory per
+device, backward included, is one [Lq/P, Lk/P] block of scores. Grouped layouts (spatial / temporal / window)
+fold their groups into the batch axis, which the rules split over the data axes and `sequence` together.
 """
 
 from __future__ import annotations
@@ -38,16 +42,16 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
+
+from vdit_jax.models import blockwise
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 SEQUENCE_PARALLEL = ("allgather", "ring")
 CUDNN_BLOCK = 64
 CUDNN_HEAD_MULTIPLE = 8  # cuDNN flash attention takes head widths that are multiples of 8 (and at most 128 / 256)
 SPLASH_LANES = 128
-_MASKED_LOGIT = -1e30  # a masked key's logit in float32 ring attention: finite, so no inf - inf
 
 
 def resolve(implementation: str, dtype, platform: str | None = None) -> str:
@@ -221,46 +225,83 @@ def local_attention(q, k, v, *, implementation: str, interpret: bool = False, kv
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, axis, kv_mask: jax.Array | None = None) -> jax.Array:
     """Exact attention of the local queries to the keys of every shard of `axis`, passing K/V around the ring.
 
-    Step s attends to the K/V block of shard (i - s) mod P, then hands its block (and its `kv_mask` block, bool
-    [B, Lk/P]) to the next shard with `ppermute`; partial outputs are merged with their log-sum-exp, in float32.
-    Blocks are plain einsums, so a shard holds [Lq/P, Lk/P] scores at a time. The block log-sum-exp is
-    differentiated through (the residual of `jax.nn.dot_product_attention` is a stop-gradient, so it cannot be used
-    here). Masked keys get a large negative finite logit, so a block with no real key adds nothing (and no NaN).
+    Step s folds the K/V block of shard (i - s) mod P (with its `kv_mask` block, bool [B, Lk/P]) into a running
+    online-softmax result (`blockwise.update`, float32), then hands the block to the next shard with `ppermute`.
+    The backward (a custom VJP) passes the blocks around the ring again, each carrying its dk / dv accumulator
+    home, and recomputes one block's probabilities at a time from the saved log-sum-exp: forward and backward
+    hold [Lq/P, Lk/P] scores and one K/V block at a time, never all keys. A query with no real key gets zeros.
     """
-    size = jax.lax.axis_size(axis)
-    perm = [(j, (j + 1) % size) for j in range(size)]
-    b, lq, h, _ = q.shape
     if kv_mask is None:
         kv_mask = jnp.ones(k.shape[:2], bool)
+    return _ring(q, k, v, kv_mask.astype(bool), axis)
 
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    qf = q.astype(jnp.float32) * scale
 
-    def step(carry, _):
-        out, lse, k, v, mask = carry
-        logits = jnp.einsum("bqhd,bkhd->bqhk", qf, k.astype(jnp.float32))
-        logits = jnp.where(mask[:, None, None, :], logits, _MASKED_LOGIT)
-        lse_blk = jax.nn.logsumexp(logits, axis=-1)  # [B, Lq, H]
-        o_blk = jnp.einsum("bqhk,bkhd->bqhd", jnp.exp(logits - lse_blk[..., None]), v.astype(jnp.float32))
-        new = jnp.logaddexp(lse, lse_blk)
-        out = out * jnp.exp(lse - new)[..., None] + o_blk * jnp.exp(lse_blk - new)[..., None]
-        k, v, mask = (jax.lax.ppermute(a, axis, perm) for a in (k, v, mask))
-        return (out, new, k, v, mask), None
+def _ring_perm(axis) -> list[tuple[int, int]]:
+    size = jax.lax.axis_size(axis)
+    return [(j, (j + 1) % size) for j in range(size)]
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((b, lq, h), -jnp.inf, jnp.float32), k, v, kv_mask)
-    (out, _, _, _, _), _ = jax.lax.scan(step, init, None, length=size)
-    return out.astype(q.dtype)
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring(q, k, v, kv_mask, axis):
+    return _ring_fwd(q, k, v, kv_mask, axis)[0]
+
+
+def _ring_fwd(q, k, v, kv_mask, axis):
+    perm = _ring_perm(axis)
+
+    def step(state, _):
+        carry, blk = state
+        carry = blockwise.update(carry, q, *blk)
+        return (carry, tuple(jax.lax.ppermute(a, axis, perm) for a in blk)), None
+
+    # P - 1 steps that pass the block on, then the last block (which need not travel further).
+    (carry, blk), _ = jax.lax.scan(step, (blockwise.init(q), (k, v, kv_mask)), None, length=len(perm) - 1)
+    carry = blockwise.update(carry, q, *blk)
+    out = blockwise.finalize(carry, q.dtype)
+    return out, (q, k, v, kv_mask, out, carry.lse)
+
+
+def _ring_bwd(axis, res, dout):
+    q, k, v, kv_mask, out, lse = res
+    perm = _ring_perm(axis)
+    dout, delta = blockwise.backward_inputs(out, lse, dout)
+
+    def grads(dq, blk, dkv):
+        dq_b, dk_b, dv_b = blockwise.block_grads(q, *blk, lse, dout, delta)
+        return dq + dq_b, (dkv[0] + dk_b, dkv[1] + dv_b)
+
+    def step(state, _):
+        dq, blk, dkv = state
+        dq, dkv = grads(dq, blk, dkv)
+        blk, dkv = (tuple(jax.lax.ppermute(a, axis, perm) for a in t) for t in (blk, dkv))
+        return (dq, blk, dkv), None
+
+    zeros = jnp.zeros_like(k, jnp.float32)
+    init = (jnp.zeros_like(q, jnp.float32), (k, v, kv_mask), (zeros, zeros))
+    (dq, blk, dkv), _ = jax.lax.scan(step, init, None, length=len(perm) - 1)
+    dq, dkv = grads(dq, blk, dkv)
+    dk, dv = (jax.lax.ppermute(a, axis, perm) for a in dkv)  # the last step's accumulators go home
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _mesh_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh) -> P:
-    """The PartitionSpec the logical rules give an array, keeping only mesh axes > 1 that divide its dims."""
+    """The PartitionSpec the logical rules give an array (shard_map needs whole shards): of the mesh axes > 1 a
+    dimension is mapped to, the longest prefix whose product divides it (batch x groups over data, fsdp and
+    sequence: 4 x 3 groups on data 2 x sequence 4 is split over data alone)."""
     spec = nn.logical_to_mesh_axes(tuple(logical_axes))
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
         names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-        names = tuple(a for a in names if mesh.shape[a] > 1)
-        ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        out.append(None if not names or dim % ways else (names if len(names) > 1 else names[0]))
+        kept, ways = [], 1
+        for a in (a for a in names if mesh.shape[a] > 1):
+            if dim % (ways * mesh.shape[a]):
+                break
+            kept.append(a)
+            ways *= mesh.shape[a]
+        out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
     return P(*out)
 
 
@@ -281,7 +322,9 @@ def attend(
     `kv_mask` bool [B, Lk] (True = a real key; None = all real): masked keys get no attention; an example with no
     real key gets zeros. `q_axes` / `kv_axes` are the logical axis names of q and k/v (for their shardings under a
     mesh); with no mesh in context, or XLA attention whose tokens are not split, this is plain single-program
-    attention that XLA's partitioner splits by itself.
+    attention that XLA's partitioner splits by itself. `sequence_parallel` applies when q and k/v have their
+    tokens split over the same mesh axis: `allgather` then runs `implementation` on the gathered keys, `ring`
+    runs ring attention (`ring_attention`, one blockwise kernel whatever `implementation` says).
     """
     if sequence_parallel not in SEQUENCE_PARALLEL:
         raise ValueError(f"sequence_parallel {sequence_parallel!r} is not one of {SEQUENCE_PARALLEL}")

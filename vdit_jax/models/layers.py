@@ -308,9 +308,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        q, k, v = (group_tokens(a, self.layout, grid, self.window) for a in (q, k, v))
-        # Full attention keeps the token axis (split over `sequence` by the rules); groupings fold it into batch.
-        axes = act if self.layout == "full" else (sh.BATCH, None, sh.ACT_HEADS, sh.ACT_KV)
+        # Full attention keeps the token axis (split over `sequence` by the rules); groupings fold it into the
+        # batch, an axis of independent groups split over the data axes and `sequence` alike.
+        axes = act if self.layout == "full" else (sh.GROUPS, None, sh.ACT_HEADS, sh.ACT_KV)
+        q, k, v = (nn.with_logical_constraint(group_tokens(a, self.layout, grid, self.window), axes) for a in (q, k, v))
         out = attention.attend(
             q, k, v, implementation=self.implementation, sequence_parallel=self.sequence_parallel, q_axes=axes
         )  # [B*G, L, heads, Dh]

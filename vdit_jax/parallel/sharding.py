@@ -33,6 +33,7 @@ TEXT_EMBED = "text_embed"  # width of precomputed text-encoder embeddings (input
 
 # Logical axes of activations.
 BATCH = "activation_batch"
+GROUPS = "activation_groups"  # batch x attention groups folded into one axis (spatial / temporal / window layouts)
 LENGTH = "activation_length"  # spacetime tokens
 ACT_EMBED = "activation_embed"
 ACT_MLP = "activation_mlp"
@@ -48,10 +49,12 @@ def default_rules() -> Rules:
 
     Batch is split over `data` and `fsdp`; parameters are split over `fsdp` along their model-width axis (ZeRO-3
     style: gathered just in time by XLA) and over `tensor` along heads / MLP width (Megatron style); tokens are
-    split over `sequence`.
+    split over `sequence`. Attention groups folded into the batch (independent attention problems) are split over
+    the data axes and `sequence` together, so the `sequence` devices share them instead of repeating them.
     """
     return (
         (BATCH, (DATA, FSDP)),
+        (GROUPS, (DATA, FSDP, SEQUENCE)),
         (LENGTH, SEQUENCE),
         (ACT_EMBED, None),
         (ACT_MLP, TENSOR),
