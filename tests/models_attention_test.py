@@ -52,15 +52,18 @@ def test_resolve_per_backend_and_dtype():
 
 
 @pytest.mark.parametrize("lq,lk", [(100, 100), (37, 130), (128, 9)])
-def test_padded_masked_xla_matches_plain(lq, lk):
+def test_padded_token_axes_match_plain(lq, lk):
+    """The padded path `attend` takes for cuDNN (tokens padded to 64 and the padded keys masked by length, bf16
+    inside), run through XLA on the CPU: equal to plain attention at token counts that are not block multiples."""
     q, k, v = qkv(2, lq, lk, 3, 16)
-    out = attention.xla_attention(q, k, v, block=64)
+    out = jax.jit(functools.partial(attention.cudnn_attention, implementation="xla"))(q, k, v)
     assert out.shape == q.shape
-    np.testing.assert_allclose(out, reference(q, k, v), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(out, reference(q, k, v), rtol=2e-2, atol=2e-2)  # bf16 inside
     # Unmasked padding would change the result: the padded keys score 0 and would take softmax mass.
-    padded = jax.nn.dot_product_attention(q, attention._pad_axis(k, 1, 64), attention._pad_axis(v, 1, 64))
-    if lk % 64:
-        assert not np.allclose(padded, reference(q, k, v), atol=1e-3)
+    pad = lambda a: attention._pad_axis(a, 1, attention.CUDNN_BLOCK)
+    padded = jax.nn.dot_product_attention(q, pad(k), pad(v))
+    if lk % attention.CUDNN_BLOCK:
+        assert not np.allclose(padded, reference(q, k, v), atol=5e-2)
 
 
 @pytest.mark.parametrize("lq,lk,d", [(200, 200, 72), (105, 9, 32)])
@@ -108,12 +111,12 @@ def test_key_mask_every_implementation(impl):
 
 
 def test_masked_padded_xla_and_cudnn_compaction():
-    """The kernels' padded path with a key mask; cuDNN's reformulation (real keys moved to the front, masked by
+    """XLA attention with a key mask; cuDNN's reformulation (real keys moved to the front, masked by
     length) computed with XLA, since cuDNN itself needs an NVIDIA GPU."""
     q, k, v = qkv(4, 37, 9, 2, 16, seed=8)
     mask = jnp.asarray(MASK[[0, 1, 3, 1]])  # no empty row: the kernels are called after `attend` handles those
     want = reference(q, k, v, mask)
-    np.testing.assert_allclose(attention.xla_attention(q, k, v, block=64, kv_mask=mask), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(attention.xla_attention(q, k, v, kv_mask=mask), want, rtol=1e-5, atol=1e-5)
     kc, vc, lengths = attention.compact_keys(k, v, mask)
     np.testing.assert_array_equal(lengths, [3, 4, 9, 4])
     np.testing.assert_array_equal(kc[1, :4], k[1, jnp.array([1, 3, 4, 6])])  # real keys first, in order

@@ -83,21 +83,11 @@ def _pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
 # Single-shard kernels: [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D].
 
 
-def xla_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, block: int = 1, kv_mask: jax.Array | None = None
-) -> jax.Array:
-    """XLA attention; with `block` > 1 the token axes are padded to that multiple and the padding masked (the
-    kernels' path, kept here so it is tested on every backend). `kv_mask` bool [B, Lk]: False keys get no weight
-    (each row needs at least one True; `attend` sees to that)."""
-    lq, lk = q.shape[1], k.shape[1]
-    if block <= 1:
-        mask = None if kv_mask is None else kv_mask[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-    q, k, v = _pad_axis(q, 1, block), _pad_axis(k, 1, block), _pad_axis(v, 1, block)
-    kv_len = jnp.full((q.shape[0],), lk, jnp.int32)
-    mask = None if kv_mask is None else _pad_axis(kv_mask, 1, block)[:, None, None, :]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, key_value_seq_lengths=kv_len, implementation="xla")
-    return out[:, :lq]
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_mask: jax.Array | None = None) -> jax.Array:
+    """Plain XLA attention (`jax.nn.dot_product_attention`: materialises the [Lq, Lk] scores). `kv_mask` bool
+    [B, Lk]: False keys get no weight (each row needs at least one True; `attend` sees to that)."""
+    mask = None if kv_mask is None else kv_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
 def compact_keys(k: jax.Array, v: jax.Array, kv_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
