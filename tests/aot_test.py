@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from tests.xla_flags import xla_flags
 from vdit_jax.parallel import topology
 from vdit_jax.train import dry_run
 
@@ -22,7 +23,7 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def _aot(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags())
     return subprocess.run(
         [sys.executable, "-m", "vdit_jax.aot", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
     )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import bench as bench_configs
+from tests.xla_flags import xla_flags
 from vdit_jax import bench, cli
 from vdit_jax import config as config_lib
 from vdit_jax.data import sources
@@ -24,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(*args):
     """`python -m vdit_jax.bench ARGS` on one CPU device."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     cmd = [sys.executable, "-m", "vdit_jax.bench", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

@@ -6,6 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.xla_flags import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
@@ -22,7 +24,7 @@ def test_sampling_notebook_executes(tmp_path):
     env_cell = nbformat.v4.new_code_cell(f"import os\nos.chdir({ROOT!r})")
     nb.cells.insert(0, env_cell)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    client.execute(env={**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"})
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

@@ -7,13 +7,18 @@ models again and again: a resumed run or a second process then loads the compile
 e.g. 52 s -> 15 s for the xl_long README command). Set JAX_COMPILATION_CACHE_DIR yourself to keep one across runs.
 """
 
+import fcntl
 import os
 import tempfile
 
+import pytest
+
+from tests.xla_flags import xla_flags
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+for _flag in xla_flags(8).split():
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vdit_jax_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
@@ -23,3 +28,23 @@ def pytest_collection_modifyitems(config, items):
     """End-to-end (`slow`) tests first: with xdist's load balancing the quick ones then fill the gaps at the end
     instead of a long test starting last on an otherwise idle worker."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session")
+def moving_shapes_dir(tmp_path_factory):
+    """A data dir with moving_shapes `8x32` prepared once per pytest run and shared by every test that reads it
+    (the xdist workers too: the first to ask builds it under a file lock, the other waits and finds it built)."""
+    from vdit_jax.data import moving_shapes
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above the per-worker ones
+    path = root / "moving_shapes_data"
+    path.mkdir(exist_ok=True)
+    with open(root / "moving_shapes_data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            moving_shapes.prepare(path, "8x32")  # a no-op once built
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path

@@ -12,11 +12,9 @@ CONFIG = "8x32"  # the cheap config for the prepared dataset; 16x32 / 16x64 are 
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    # A fixed session path: the other data_* test files prepare the same dir, and `prepare` is a no-op the 2nd time.
-    path = tmp_path_factory.getbasetemp() / "tfds_data"
-    ms.prepare(path, CONFIG)
-    return path
+def data_dir(moving_shapes_dir):
+    """moving_shapes 8x32, prepared once per run (tests/conftest.py)."""
+    return str(moving_shapes_dir)
 
 
 def _mask(video):

@@ -66,10 +66,9 @@ def _frames(batch):
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "tfds_data"  # shared with the other data_* tests; prepared once
-    ms.prepare(path, "8x32")
-    return path
+def data_dir(moving_shapes_dir):
+    """moving_shapes 8x32, prepared once per run (tests/conftest.py)."""
+    return str(moving_shapes_dir)
 
 
 def test_tfds_source_batches(data_dir):

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from tests import helpers
+from tests.xla_flags import xla_flags
 from vdit_jax import inference
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
@@ -81,7 +82,9 @@ def test_sample_cli_on_a_self_conditioned_checkpoint(workdir, tmp_path):
     """`python -m vdit_jax.sample` end to end on the workdir: exit 0 and samples.npz of two RGB videos."""
     out = tmp_path / "samples"
     args = [f"--workdir={workdir[0]}", "--num=2", "--steps=2", f"--out_dir={out}"]
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # one CPU device: fast to compile
+    env = dict(
+        os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT
+    )  # one CPU device: fast to compile
     proc = subprocess.run(
         [sys.executable, "-m", "vdit_jax.sample", *args], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT
     )

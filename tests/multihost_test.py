@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from vdit_jax.data import moving_shapes
+from tests.xla_flags import xla_flags
 from vdit_jax.parallel import distributed
 from vdit_jax.train import metrics as metrics_lib
 
@@ -29,10 +29,9 @@ PEER_DEATH_MESSAGES = ("another process most likely died", "another task died")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data"))
-    moving_shapes.prepare(path, "8x32")
-    return path
+def data_dir(moving_shapes_dir):
+    """moving_shapes 8x32, prepared once per run (tests/conftest.py)."""
+    return str(moving_shapes_dir)
 
 
 def _free_port() -> int:
@@ -43,7 +42,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT
     for key in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.gcs_emulator import gcs_server  # noqa: F401  (fixture)
+from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
@@ -43,7 +44,7 @@ TINY = [
 def _env(devices: int, data_dir, extra=None) -> dict:
     env = dict(os.environ, **(extra or {}))
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=ROOT,
         VDIT_DATA_DIR=str(data_dir),  # the README commands use the default (local cache) data dir

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tests import helpers
+from tests.xla_flags import xla_flags
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import checkpoint as ckpt_lib
@@ -424,7 +425,7 @@ _PREEMPTED_TRAINER = textwrap.dedent(
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags())
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen(
         [sys.executable, "-c", _PREEMPTED_TRAINER, str(tmp_path)],

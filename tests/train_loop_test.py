@@ -17,8 +17,8 @@ import mediapy
 import numpy as np
 import pytest
 
+from tests.xla_flags import xla_flags
 from vdit_jax.data import evaluate as evaluate_lib
-from vdit_jax.data import moving_shapes
 from vdit_jax.train import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,15 +27,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data"))
-    moving_shapes.prepare(path, "8x32")
-    return path
+def data_dir(moving_shapes_dir):
+    """moving_shapes 8x32, prepared once per run (tests/conftest.py)."""
+    return str(moving_shapes_dir)
 
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = ""  # one CPU device in the subprocesses: fast to compile
+    env["XLA_FLAGS"] = xla_flags()  # one CPU device in the subprocesses: fast to compile
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT
     return env
