@@ -28,13 +28,9 @@ flags.mark_flags_as_required(["config", "topology"])
 
 
 def _run():
-    from vdit_jax import config as config_lib
     from vdit_jax.parallel import topology
     from vdit_jax.train import dry_run
 
-    # Every value but the mesh first (on one device any mesh is valid), so a bad one is named, not taken for a
-    # config no mesh of the slice suits.
-    config_lib.validate(dry_run.with_mesh(_CONFIG.value, {}), num_devices=1)
     try:
         tpu = topology.parse(_TOPOLOGY.value)
     except ValueError as e:

@@ -348,6 +348,9 @@ def run(
       compiles); a mapping = that mesh.
     flops_unrolled: for a scanned model, also count the FLOPs of every layer (see `unrolled_flops`).
     """
+    # Every value but the mesh first (on one device any mesh is valid), so a bad one is named, not taken for a
+    # config that no mesh of the slice suits.
+    config_lib.validate(with_mesh(config, {}), num_devices=1)
     devices = topology.abstract_devices(tpu)
     hosts = topology.num_hosts(devices)
     n = len(devices)
