@@ -94,7 +94,7 @@ def _set(config, key, value):
         ("model.attention_impl", "flash", 1, "attention_impl 'flash' is not one of"),
         ("model.sequence_parallel", "ulysses", 1, "sequence_parallel 'ulysses' is not one of"),
         ("model.label_factors", (3, 2), 1, r"label_factors \(3, 2\) must be positive with product num_classes \(4\)"),
-        ("train.warmup_steps", 21, 1, r"config.train.warmup_steps=21 must be in \[0, num_steps=20\]"),
+        ("train.warmup_steps", -1, 1, "config.train.warmup_steps=-1 must be >= 0"),
         ("data.split", "", 1, "config.data.split='' must be a non-empty str"),
         ("data.feature_key", "", 1, "config.data.feature_key='' must be a non-empty str"),
         ("data.num_classes", -1, 1, r"config.data.num_classes=-1 must be >= 0 \(0 = unconditional\)"),

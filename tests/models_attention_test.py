@@ -308,7 +308,7 @@ def test_grouped_attention_split_over_sequence(layout, window, impl, monkeypatch
         xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "sequence")))
         sharded = grad_fn.lower(params, xs).compile()
         got, grads = sharded(params, xs)
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)  # a sum over every output: summed in another order
     for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
     ratio = sharded.cost_analysis()["flops"] / one_device.cost_analysis()["flops"]
