@@ -255,7 +255,7 @@ def _start(port, bucket, data_dir, log_path, timeout_s):
         break
     else:
         last = f"no answer within {timeout_s:.0f} s (last: {last})"
-    _stop(proc)
+    _stop(proc, timeout_s=0)  # never served a request: nothing to shut down cleanly
     return (
         None,
         None,
@@ -264,16 +264,19 @@ def _start(port, bucket, data_dir, log_path, timeout_s):
     )
 
 
-def _stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+def _stop(proc: subprocess.Popen, timeout_s: float = 2.0) -> None:
+    """SIGINT (the emulator catches KeyboardInterrupt and shuts its server down), then SIGKILL after `timeout_s`:
+    every object is already on disk (or in memory only) when its request is answered, so nothing is lost."""
     if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGINT)  # the emulator catches KeyboardInterrupt and shuts its server down
+        if timeout_s > 0:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            proc.wait(timeout_s)
+            proc.wait(10)
 
 
 def _free_port() -> int:
