@@ -8,4 +8,4 @@ echo "[test] ruff format --check && ruff check"
 ruff format --check .
 ruff check .
 echo "[test] pytest"
-JAX_PLATFORMS=cpu python -m pytest -q -rs -n 2 --durations=15 "$@"
+JAX_PLATFORMS=cpu python -m pytest -q -rs -n 2 --dist loadgroup --durations=15 "$@"

@@ -88,6 +88,7 @@ ENTRY %main (a: f32[16]) -> f32[4] {
     assert "all-to-all" not in out
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_aot_cli_on_v4_8_reports_memory_flops_collectives_and_fits():
     proc = _aot(f"--config={CONFIG}", "--topology=v4-8", "--config.mesh_shape.fsdp=2")
@@ -124,6 +125,7 @@ def test_aot_cli_bad_topology_is_one_line_and_exit_2():
     assert last.startswith("error: unknown TPU topology 'v5p-30'; allowed: v4-8, ") and "v5p-32" in last
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_auto_mesh_when_the_config_mesh_does_not_suit_the_chips():
     config = helpers.tiny_config()
@@ -136,6 +138,7 @@ def test_auto_mesh_when_the_config_mesh_does_not_suit_the_chips():
     assert result.collectives["all-gather"]["count"] > 0
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_model_too_big_for_hbm_does_not_fit():
     config = helpers.tiny_config(scan_layers=True)
@@ -149,6 +152,7 @@ def test_a_model_too_big_for_hbm_does_not_fit():
     assert result.flops_per_chip_unrolled > 0  # FLOPs are still counted, from an unrolled CPU lowering
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_text_model_with_masks_compiles_for_tpu():
     """A text model's step (batch with a bool text mask) compiled for a v4-8: the splash kernel masks padded text

@@ -30,6 +30,7 @@ def run_cli(*args):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "sample"])
 def test_tiny_benchmark_prints_one_json_line(mode):
     proc = run_cli("--config=configs/bench.py:tiny", "--steps=2", f"--mode={mode}")

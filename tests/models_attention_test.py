@@ -315,6 +315,7 @@ def test_grouped_attention_split_over_sequence(layout, window, impl, monkeypatch
     assert ratio < 1.15 / 8, ratio
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode,mesh_shape",
     [

@@ -178,6 +178,7 @@ def _unstack_scanned(scanned, cfg):
     return {"params": out}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["full", "factorized", "windowed"])
 def test_scan_and_remat_match_unrolled(attention):
     kw = dict(attention=attention, depth=3, windows=((2, 4, 4), (1, 2, 2)), pos_emb="sincos+rope")

@@ -84,6 +84,7 @@ def test_text_is_required_and_checked():
         tiny(text_dim=-1)
 
 
+@pytest.mark.slow
 def test_scan_and_offload_remat_match_unrolled():
     """Scanned + offload-remat blocks compute what unrolled blocks do (the text mask broadcast to every scanned
     block); remat leaves the gradients unchanged."""
@@ -214,6 +215,7 @@ def run_steps(config, devices, *batch_lists):
     return runs[0] if len(runs) == 1 else runs
 
 
+@pytest.mark.slow
 def test_text_train_step_sharded_equals_single_device():
     config = text_config()
     config_lib.validate(config, 8)
@@ -246,6 +248,7 @@ def test_text_config_validation():
         config_lib.validate(config, 1)
 
 
+@pytest.mark.slow
 def test_bf16_params_train_a_step():
     config = helpers.tiny_config(param_dtype="bfloat16", dtype="bfloat16")
     config.model.depth = 1

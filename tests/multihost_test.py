@@ -148,6 +148,7 @@ def reference(tmp_path_factory, data_dir) -> dict[int, float]:
     return expected
 
 
+@pytest.mark.xdist_group("multihost_reference")  # one worker builds the `reference` fixture
 @pytest.mark.slow
 def test_kill_one_process_then_resume_on_another_mesh(tmp_path, data_dir, reference):
     expected = reference
@@ -239,6 +240,7 @@ def test_detect_environment():
         distributed.detect_environment(distributed.Settings("h:1", 2, 2), env={})
 
 
+@pytest.mark.xdist_group("multihost_reference")  # one worker builds the `reference` fixture
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_one_step_with_samples(tmp_path, data_dir, reference):
     """SIGTERM reaches one host of two: JAX's preemption sync point makes both save the same step and exit 0;

@@ -25,7 +25,7 @@ from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("readme_data")]  # one worker: the shared module fixture
 
 # Tiny sizes for both examples: 2 latent frames of 8x8x4 and 4 text tokens of width 8, a width-32 2-block DiT.
 TINY = [
@@ -59,7 +59,13 @@ def _python_command(cmd: str) -> list[str]:
     return [sys.executable, *args[1:]]
 
 
-def test_tpu_vm_example_trains_into_gcs_resumes_and_samples(tmp_path, gcs_server):  # noqa: F811
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One data dir for both examples: the same synthetic_latent_text shapes (TINY), built by the first to run."""
+    return tmp_path_factory.mktemp("data")
+
+
+def test_tpu_vm_example_trains_into_gcs_resumes_and_samples(tmp_path, gcs_server, data_dir):  # noqa: F811
     cmd = re.search(r"bash launch/tpu_vm.sh run \$T --cmd='([^']+)'", README).group(1)
     assert "--config=configs/bench.py:xl_long" in cmd and "--workdir=gs://bucket/xl" in cmd, cmd
     # What `run` starts on every worker is exactly that command.
@@ -75,7 +81,7 @@ def test_tpu_vm_example_trains_into_gcs_resumes_and_samples(tmp_path, gcs_server
     assert f"(nohup {cmd} > train.log 2>&1 < /dev/null &)" in remote, remote
 
     gcs_server.create_bucket("bucket")
-    env = _env(8, tmp_path / "data", gcs_server.env)
+    env = _env(8, data_dir, gcs_server.env)
     train = [*_python_command(cmd), *TINY, "--config.train.global_batch_size=8", "--config.train.checkpoint_every=2"]
     log = open(tmp_path / "first.log", "w")
     victim = subprocess.Popen(
@@ -119,7 +125,7 @@ def test_tpu_vm_example_trains_into_gcs_resumes_and_samples(tmp_path, gcs_server
     sample = subprocess.run(
         [sys.executable, "-m", "vdit_jax.sample", "--workdir=gs://bucket/xl", "--num=2", "--steps=2"],
         cwd=ROOT,
-        env=_env(1, tmp_path / "data", gcs_server.env),
+        env=_env(1, data_dir, gcs_server.env),
         capture_output=True,
         text=True,
         timeout=300,
@@ -132,7 +138,7 @@ def test_tpu_vm_example_trains_into_gcs_resumes_and_samples(tmp_path, gcs_server
     assert np.isfinite(data["latents"]).all() and len(data["prompts"]) == 2 and all(data["prompts"])
 
 
-def test_slurm_example_trains(tmp_path):
+def test_slurm_example_trains(tmp_path, data_dir):
     args = re.search(r"TRAIN_ARGS='([^']+)' sbatch", README).group(1)
     assert args.startswith("--config=configs/bench.py:S2 --workdir="), args
     venv = tmp_path / "venv"
@@ -164,7 +170,7 @@ def test_slurm_example_trains(tmp_path):
             "--config.train.sample_num=0",
         ],
         cwd=ROOT,
-        env=_env(1, tmp_path / "data"),
+        env=_env(1, data_dir),
         capture_output=True,
         text=True,
         timeout=400,

@@ -147,6 +147,7 @@ def test_round_trip_state_iterator_and_config(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_resumed_training_continues_from_the_saved_ema(tmp_path):
     """The real train state: two steps, a checkpoint, two more. Restored onto `state.abstract_state` (as the trainer
     resumes) the EMA is the one saved, bit for bit (also read alone, as sampling reads it), and two more steps give

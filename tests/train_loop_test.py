@@ -7,6 +7,7 @@ seconds-scale model from tests/tiny_config.py.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from vdit_jax.train import metrics as metrics_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
 pytestmark = pytest.mark.slow
+TRAINED_STEPS = 20
+TRAINED = [f"--config.train.num_steps={TRAINED_STEPS}", "--config.train.checkpoint_every=3"]
 
 
 @pytest.fixture(scope="module")
@@ -70,30 +73,27 @@ def _wait_for_step(workdir, step, proc, timeout=240):
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, data_dir):
-    steps = ["--config.train.num_steps=20", "--config.train.checkpoint_every=3"]
-    clean, broken = tmp_path / "clean", tmp_path / "broken"
-    proc = _run(_train_cmd(clean, data_dir, *steps))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = _losses(clean)
-    assert sorted(expected) == list(range(1, 21))
-
+@pytest.mark.xdist_group("trained")  # one worker builds the `trained` fixture (launch/test.sh: loadgroup)
+def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, data_dir, trained):
+    expected = _losses(trained)  # the uninterrupted run of the same config
+    assert sorted(expected) == list(range(1, TRAINED_STEPS + 1))
+    broken = tmp_path / "broken"
     victim = subprocess.Popen(
-        _train_cmd(broken, data_dir, *steps), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _train_cmd(broken, data_dir, *TRAINED), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     _wait_for_step(broken, 7, victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL
     done = sorted(int(s) for s in os.listdir(broken / "checkpoints") if s.isdigit())
-    assert done and max(done) < 20  # interrupted before the end
+    assert done and max(done) < TRAINED_STEPS  # interrupted before the end
 
-    proc = _run(_train_cmd(broken, data_dir, *steps))
+    proc = _run(_train_cmd(broken, data_dir, *TRAINED))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step" in proc.stderr
     resumed = _losses(broken)
-    assert sorted(resumed) == list(range(1, 21))  # each step once, stale lines of the killed run purged
-    for step in range(1, 21):
+    assert sorted(resumed) == list(range(1, TRAINED_STEPS + 1))  # each step once, stale lines of the killed run purged
+    for step in range(1, TRAINED_STEPS + 1):
         np.testing.assert_allclose(resumed[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
 
 
@@ -126,40 +126,45 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path, data_
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, data_dir):
+@pytest.mark.xdist_group("trained")  # one worker builds the `trained` fixture (launch/test.sh: loadgroup)
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, data_dir, trained):
     workdir = tmp_path / "run"
-    proc = _run(_train_cmd(workdir, data_dir, "--config.train.num_steps=4"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state_dir = workdir / "checkpoints" / "4" / "state"
+    shutil.copytree(trained, workdir)  # checkpoints 15, 18, 20 (every 3 and the last; 3 kept)
+    state_dir = workdir / "checkpoints" / str(TRAINED_STEPS) / "state"
     victims = [os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs if "ocdbt" in d or f.startswith("d")]
     assert victims
     for path in victims:
         with open(path, "wb") as f:
             f.write(b"garbage")
-    proc = _run(_train_cmd(workdir, data_dir, "--config.train.num_steps=6"))
+    end = TRAINED_STEPS + 2
+    proc = _run(
+        _train_cmd(workdir, data_dir, *TRAINED, f"--config.train.num_steps={end}", "--config.train.sample_num=0")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("W") and "checkpoint" in line]
-    assert any("Checkpoint at step 4 " in line and "unreadable" in line for line in warnings), proc.stderr[-3000:]
-    assert "resumed from step 2" in proc.stderr, proc.stderr[-3000:]
-    assert os.path.isdir(workdir / "checkpoints" / "4.corrupt")  # kept for the user, never deleted
-    assert max(_losses(workdir)) == 6
+    want = f"Checkpoint at step {TRAINED_STEPS} "
+    assert any(want in line and "unreadable" in line for line in warnings), proc.stderr[-3000:]
+    assert "resumed from step 18" in proc.stderr, proc.stderr[-3000:]
+    assert os.path.isdir(workdir / "checkpoints" / f"{TRAINED_STEPS}.corrupt")  # kept for the user, never deleted
+    assert max(_losses(workdir)) == end
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
-    """A 6-step run shared by the sampling tests."""
+    """A finished run shared by the sampling, kill -9 and corrupt-checkpoint tests (copy it before changing it)."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    proc = _run(_train_cmd(workdir, data_dir, "--config.train.num_steps=6"))
+    proc = _run(_train_cmd(workdir, data_dir, *TRAINED))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
 
+@pytest.mark.xdist_group("trained")  # one worker builds the `trained` fixture (launch/test.sh: loadgroup)
 def test_train_sample_evaluate_end_to_end(tmp_path, trained):
     workdir = trained
     for name in ("config.json", "metrics.jsonl", "last_metrics.json"):
         assert (workdir / name).exists(), name
     assert os.listdir(workdir / "tb")
-    assert (workdir / "samples" / "step_6" / "sample_000.mp4").exists()
+    assert (workdir / f"samples/step_{TRAINED_STEPS}/sample_000.mp4").exists()
 
     out_dir = tmp_path / "samples"
     proc = _run(
@@ -199,6 +204,7 @@ def test_train_sample_evaluate_end_to_end(tmp_path, trained):
     assert metrics["num_samples"] == 3
 
 
+@pytest.mark.xdist_group("trained")  # one worker builds the `trained` fixture (launch/test.sh: loadgroup)
 @pytest.mark.parametrize(
     "args,match",
     [
