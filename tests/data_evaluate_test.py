@@ -146,9 +146,3 @@ def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, contents):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
-
-
-def test_cli_help():
-    result = _cli("--help")
-    assert result.returncode in (0, 1)  # absl's --help exits 1 after printing the usage
-    assert "--samples" in result.stdout and "samples.npz" in result.stdout and "Traceback" not in result.stderr
