@@ -319,7 +319,8 @@ def test_grouped_attention_split_over_sequence(layout, window, impl, monkeypatch
 @pytest.mark.parametrize(
     "mode,mesh_shape",
     [
-        ("allgather", {"data": 2, "sequence": 4}),
+        # allgather on {data: 2, sequence: 4}: tests/models_dit_test.py::test_sharded_matches_single_device (the
+        # whole DiT) and test_sequence_parallel_attention_matches_unsharded above (with a key mask).
         ("ring", {"fsdp": 2, "tensor": 2, "sequence": 2}),
     ],
 )
