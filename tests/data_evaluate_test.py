@@ -19,7 +19,7 @@ def data_dir(moving_shapes_dir):
     return str(moving_shapes_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def test_split(data_dir):
     """168 ground-truth videos (uint8 [N, 8, 32, 32, 3]) and captions from the prepared test split."""
     source = ms.data_source(data_dir, "8x32", "test")

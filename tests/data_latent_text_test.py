@@ -22,7 +22,7 @@ def text_config(**data):
     return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """The dataset of `text_config()`, prepared once through the training pipeline's own entry point."""
     path = tmp_path_factory.mktemp("latent_text")
@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def records(data_dir):
     return list(lt.data_source(data_dir, sources.latent_text_config(text_config()), "train"))
 

@@ -59,7 +59,7 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gcs():
     with emu.gcs_emulator(in_memory=True) as server:
         yield server

@@ -23,7 +23,7 @@ from vdit_jax.train import state as state_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     """(workdir, the saved state on the host): a tiny self-conditioned model at step 5 whose EMA differs from its
     parameters and whose optimizer state has another structure than the config's optimizer creates (SGD momentum

@@ -123,7 +123,7 @@ def test_drop_text():
     chex.assert_trees_all_equal((null, null_mask), (jnp.zeros((2, 3, 2)), jnp.ones((2, 3), bool)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def masked_model():
     """A random-weight text DiT (RoPE, 2 blocks) and inputs: text whose examples have 3 and 5 real tokens."""
     cfg = tiny(pos_emb="sincos+rope")

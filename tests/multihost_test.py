@@ -28,7 +28,7 @@ COMMON = ["--config.train.sample_num=0", "--config.train.end_lr_fraction=1.0", "
 PEER_DEATH_MESSAGES = ("another process most likely died", "another task died")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(moving_shapes_dir):
     """moving_shapes 8x32, prepared once per run (tests/conftest.py)."""
     return str(moving_shapes_dir)
@@ -130,7 +130,7 @@ def _wait_for_checkpoint(workdir, step, procs):
 REFERENCE_STEPS = 18
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, data_dir) -> dict[int, float]:
     """The uninterrupted reference: one process, one device (the global batches are the same for any process
     count), as step -> loss."""

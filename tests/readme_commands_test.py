@@ -59,7 +59,7 @@ def _python_command(cmd: str) -> list[str]:
     return [sys.executable, *args[1:]]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """One data dir for both examples: the same synthetic_latent_text shapes (TINY), built by the first to run."""
     return tmp_path_factory.mktemp("data")

@@ -30,7 +30,7 @@ TRAINED_STEPS = 20
 TRAINED = [f"--config.train.num_steps={TRAINED_STEPS}", "--config.train.checkpoint_every=3"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data_dir(moving_shapes_dir):
     """moving_shapes 8x32, prepared once per run (tests/conftest.py)."""
     return str(moving_shapes_dir)
@@ -156,7 +156,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, data_dir, tr
     assert max(_losses(workdir)) == end
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, data_dir):
     """A finished run shared by the sampling, kill -9 and corrupt-checkpoint tests (copy it before changing it)."""
     workdir = tmp_path_factory.mktemp("trained") / "run"

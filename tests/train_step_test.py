@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests import helpers
@@ -112,7 +113,7 @@ def test_accumulated_micro_batches_stay_on_their_data_devices():
         compiled = step_lib.make_train_step(config, mesh, rules).lower(state, batches[0]).compile()
         metrics = []
         for batch in batches:
-            state, m = compiled(state, batch)
+            state, m = compiled(state, batch, config.train.num_steps)
             metrics.append(jax.device_get(m))
     hlo = compiled.as_text()
     collectives = set(
@@ -156,3 +157,36 @@ def test_batch_shapes_carry_the_text_mask_of_text_models():
     mesh = mesh_lib.make_mesh({"data": 8}, jax.devices())
     shardings = step_lib.batch_shardings(config, mesh, sh.rules_from_config(config.logical_axis_rules))
     assert shardings["text_mask"].spec[0] in ("data", ("data", "fsdp"))  # split over the batch like the rest
+
+
+@pytest.mark.parametrize(
+    "warmup,num_steps,end_fraction", [(5, 100, 0.1), (0, 10, 0.0), (50, 20, 1.0), (3, 4, 0.5), (1, 1, 0.1)]
+)
+def test_learning_rate_schedule_is_optax_warmup_cosine(warmup, num_steps, end_fraction):
+    """Ours takes a traced run length; its values are optax's `warmup_cosine_decay_schedule` (warm-up cut to
+    num_steps - 1), past the end too."""
+    tc = helpers.tiny_config().train
+    tc.update(num_steps=num_steps, warmup_steps=warmup, learning_rate=1e-3, end_lr_fraction=end_fraction)
+    cut = min(warmup, num_steps - 1)
+    ref = optax.warmup_cosine_decay_schedule(0.0, 1e-3, cut, max(num_steps, cut + 1), 1e-3 * end_fraction)
+    counts = np.arange(num_steps + 3)
+    ours = jax.jit(lambda n: jax.vmap(state_lib.learning_rate_schedule(tc, n))(counts))(num_steps)
+    np.testing.assert_allclose(ours, [ref(c) for c in counts], rtol=1e-5, atol=1e-12)
+
+
+def test_run_length_is_an_argument_of_the_compiled_step():
+    """Two runs that differ only in num_steps lower to the same program (a resumed, longer run hits the persistent
+    compilation cache) and the schedule still follows each run's length."""
+    texts = []
+    for num_steps in (20, 1000):
+        config = helpers.tiny_config()
+        config.train.num_steps = num_steps
+        mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+        rules = sh.rules_from_config(config.logical_axis_rules)
+        state = state_lib.abstract_state(config, mesh, rules)
+        batch = helpers.random_batches(config, 1)[0]
+        step = step_lib.make_train_step(config, mesh, rules)
+        assert step.num_steps == num_steps
+        with step_lib.logical_context(mesh, rules):
+            texts.append(step.lower(state, batch).as_text())
+    assert texts[0] == texts[1]

@@ -238,7 +238,9 @@ def bench_train(config, mesh, rules, steps: int) -> tuple[dict, list]:
         holder = {"state": state}
 
         def call():
-            holder["state"], metrics = compiled(holder["state"], batch)  # the state is donated: carry it
+            holder["state"], metrics = compiled(
+                holder["state"], batch, step.num_steps
+            )  # the state is donated: carry it
             return metrics
 
         loss = float(jax.device_get(call()["loss"]))  # warm-up

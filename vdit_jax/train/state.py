@@ -29,22 +29,36 @@ class TrainState:
     nonfinite_streak: jax.Array  # int32 []: skipped in a row (reset by a finite step)
 
 
-def learning_rate_schedule(tc: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up to the peak, then cosine decay to `end_lr_fraction` of it at `num_steps`."""
-    warmup = min(tc.warmup_steps, tc.num_steps - 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=tc.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(tc.num_steps, warmup + 1),
-        end_value=tc.learning_rate * tc.end_lr_fraction,
-    )
+def learning_rate_schedule(tc: ml_collections.ConfigDict, num_steps=None) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak over `tc.warmup_steps` (cut to `num_steps - 1`), then cosine decay to
+    `end_lr_fraction` of the peak at `num_steps` (default `tc.num_steps`); optax's `warmup_cosine_decay_schedule`.
+
+    `num_steps` may be a traced int32 scalar: the compiled train step then takes the run length as an argument
+    instead of a constant, so a resumed run with another `num_steps` (or a second run) reuses the compiled step
+    from the persistent cache. (optax's own schedule checks its lengths in Python, so it needs them concrete.)
+    """
+    total = tc.num_steps if num_steps is None else num_steps
+    peak = tc.learning_rate
+    end = peak * tc.end_lr_fraction
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        n = jnp.asarray(total, jnp.float32)
+        warmup = jnp.minimum(jnp.float32(tc.warmup_steps), n - 1)
+        warm = peak * count / jnp.maximum(warmup, 1.0)
+        frac = jnp.clip((count - warmup) / jnp.maximum(n - warmup, 1.0), 0.0, 1.0)
+        decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return jnp.where(count < warmup, warm, decayed)
+
+    return schedule
 
 
-def make_optimizer(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with warm-up + cosine decay and global-norm clipping."""
+def make_optimizer(tc: ml_collections.ConfigDict, num_steps=None) -> optax.GradientTransformation:
+    """AdamW with warm-up + cosine decay (`learning_rate_schedule`; `num_steps` may be traced) and global-norm
+    clipping."""
     parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
-    parts.append(optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+    lr = learning_rate_schedule(tc, num_steps)
+    parts.append(optax.adamw(lr, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
     return optax.chain(*parts)
 
 

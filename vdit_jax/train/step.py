@@ -69,10 +69,10 @@ def _loss(
 def train_step(
     state: TrainState,
     batch: Batch,
+    num_steps: jax.Array | int,
     *,
     model: dit.DiT,
     sched: diffusion.Schedule,
-    tx: optax.GradientTransformation,
     tc: ml_collections.ConfigDict,
     min_snr_gamma: float | None,
     min_snr_floor: float,
@@ -82,6 +82,9 @@ def train_step(
     loss_type: str = "mse",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update from one global batch (split into `tc.grad_accum_steps` micro-batches).
+
+    `num_steps` is the run's length for the learning-rate schedule (`state.make_optimizer`), an argument rather than
+    a constant of the compiled step: runs that differ only in their length share one compiled step.
 
     Timesteps, noise and label / text dropout are drawn for the whole global batch before it is split, so an
     accumulated step computes the same gradient as one full-batch step. Text models read `batch["text"]` and
@@ -132,6 +135,7 @@ def train_step(
         loss, mse, grads = jax.tree.map(lambda a: a / k, (loss, mse, grads))
 
     grad_norm = optax.tree.norm(grads)
+    tx = make_optimizer(tc, num_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = jnp.minimum(tc.ema_decay, (1.0 + state.step) / (10.0 + state.step))
@@ -159,8 +163,28 @@ def train_step(
     return new_state, metrics
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Any:
-    """`train_step` bound to the config and jitted with the state's and batch's shardings, donating the state.
+class TrainStep:
+    """`train_step` bound to a config and jitted with the state's and batch's shardings, donating the state:
+    `step(state, batch) -> (state, metrics)`, and `step.lower(state, batch)` for ahead-of-time compiles.
+
+    The run length (`config.train.num_steps`, for the learning-rate schedule) goes in as a traced argument, so the
+    compiled program does not depend on it (a resumed run with a longer `num_steps` loads it from the persistent
+    compilation cache instead of compiling again).
+    """
+
+    def __init__(self, jitted, num_steps: int):
+        self.jitted = jitted
+        self.num_steps = num_steps
+
+    def __call__(self, state: TrainState, batch: Batch):
+        return self.jitted(state, batch, self.num_steps)
+
+    def lower(self, state, batch) -> jax.stages.Lowered:
+        return self.jitted.lower(state, batch, self.num_steps)
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> TrainStep:
+    """The jitted, sharded train step of `config` (a `TrainStep`).
 
     Call it inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` (as `loop.train` does).
     """
@@ -169,7 +193,6 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
         train_step,
         model=dit.DiT(config_lib.model_config(config)),
         sched=config_lib.schedule(config),
-        tx=make_optimizer(config.train),
         tc=config.train,
         min_snr_gamma=d.min_snr_gamma or None,
         min_snr_floor=d.min_snr_floor,
@@ -181,12 +204,13 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
         loss_type=d.loss,
     )
     state_sh = state_shardings(config, mesh, rules)
-    return jax.jit(
+    jitted = jax.jit(
         step,
-        in_shardings=(state_sh, batch_shardings(config, mesh, rules)),
+        in_shardings=(state_sh, batch_shardings(config, mesh, rules), sh.replicated(mesh)),
         out_shardings=(state_sh, sh.replicated(mesh)),
         donate_argnums=(0,),
     )
+    return TrainStep(jitted, config.train.num_steps)
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
