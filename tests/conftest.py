@@ -9,6 +9,8 @@ e.g. 52 s -> 15 s for the xl_long README command). Set JAX_COMPILATION_CACHE_DIR
 
 import fcntl
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -48,3 +50,33 @@ def moving_shapes_dir(tmp_path_factory):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return path
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
+TRAINED_STEPS = 20
+TRAINED = [f"--config.train.num_steps={TRAINED_STEPS}", "--config.train.checkpoint_every=3"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, moving_shapes_dir):
+    """A finished run of tests/tiny_config.py (`TRAINED`: 20 steps, a checkpoint every 3, samples at the end), one
+    process on one device: the uninterrupted run that the kill -9, corrupt-checkpoint and multi-process tests
+    compare with (their losses do not depend on the process or device count, nor on num_steps: the tiny config's
+    learning rate is flat after warm-up), and the workdir the sampling test reads. Copy it before changing it.
+
+    Tests that use it share an xdist group ("trained"), so one worker builds it."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "vdit_jax.train",
+        f"--config={TINY_CONFIG}",
+        f"--workdir={workdir}",
+        f"--data_dir={moving_shapes_dir}",
+        *TRAINED,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir

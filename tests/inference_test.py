@@ -17,6 +17,7 @@ from tests.xla_flags import xla_flags
 from vdit_jax import inference
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
+from vdit_jax.tasks import dit as dit_task
 from vdit_jax.train import checkpoint as ckpt_lib
 from vdit_jax.train import state as state_lib
 
@@ -60,7 +61,7 @@ def test_sample_feeds_a_self_conditioned_model_its_x0_estimate(workdir, monkeypa
     called without it would see zeros and still run: only this shows the estimate is passed)."""
     config, params, _ = inference.load(workdir[0])
     seen = []
-    real = inference._apply_fn
+    real = dit_task._apply_fn
 
     def spy(model_cfg):
         apply = real(model_cfg)
@@ -71,7 +72,7 @@ def test_sample_feeds_a_self_conditioned_model_its_x0_estimate(workdir, monkeypa
 
         return spied
 
-    monkeypatch.setattr(inference, "_apply_fn", spy)
+    monkeypatch.setattr(dit_task, "_apply_fn", spy)
     videos = inference.sample(config, params, np.array([0, 2]), jax.random.key(0), steps=2)
     assert videos.shape == (2, 4, 8, 8, 3) and videos.dtype == np.uint8
     assert seen and all(seen)

@@ -17,14 +17,15 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import TRAINED_STEPS
 from tests.xla_flags import xla_flags
 from vdit_jax.parallel import distributed
 from vdit_jax.train import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
-# A flat learning rate after warm-up, so a run's length (num_steps) does not change its losses.
-COMMON = ["--config.train.sample_num=0", "--config.train.end_lr_fraction=1.0", "--config.train.keep_checkpoints=20"]
+# (tests/tiny_config.py has a flat learning rate after warm-up: a run's length does not change its losses.)
+COMMON = ["--config.train.sample_num=0", "--config.train.keep_checkpoints=20"]
 PEER_DEATH_MESSAGES = ("another process most likely died", "another task died")
 
 
@@ -127,28 +128,19 @@ def _wait_for_checkpoint(workdir, step, procs):
     _wait_until(lambda: any(s >= step for s in _finished_checkpoints(workdir)), workdir, procs, f"checkpoint {step}")
 
 
-REFERENCE_STEPS = 18
+REFERENCE_STEPS = TRAINED_STEPS
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory, data_dir) -> dict[int, float]:
-    """The uninterrupted reference: one process, one device (the global batches are the same for any process
-    count), as step -> loss."""
-    ref = tmp_path_factory.mktemp("ref") / "run"
-    proc = subprocess.run(
-        _train_cmd(ref, data_dir, f"--config.train.num_steps={REFERENCE_STEPS}"),
-        env=_env(1),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = _losses(ref)
+def reference(trained_run) -> dict[int, float]:
+    """The uninterrupted reference as step -> loss: tests/conftest.py's trained run of the same config, one process
+    on one device (the global batches are the same for any process count)."""
+    expected = _losses(trained_run)
     assert sorted(expected) == list(range(1, REFERENCE_STEPS + 1))
     return expected
 
 
-@pytest.mark.xdist_group("multihost_reference")  # one worker builds the `reference` fixture
+@pytest.mark.xdist_group("trained")  # one worker builds tests/conftest.py's `trained_run`
 @pytest.mark.slow
 def test_kill_one_process_then_resume_on_another_mesh(tmp_path, data_dir, reference):
     expected = reference
@@ -240,7 +232,7 @@ def test_detect_environment():
         distributed.detect_environment(distributed.Settings("h:1", 2, 2), env={})
 
 
-@pytest.mark.xdist_group("multihost_reference")  # one worker builds the `reference` fixture
+@pytest.mark.xdist_group("trained")  # one worker builds tests/conftest.py's `trained_run`
 @pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_one_step_with_samples(tmp_path, data_dir, reference):
     """SIGTERM reaches one host of two: JAX's preemption sync point makes both save the same step and exit 0;

@@ -11,6 +11,7 @@ def get_config(arg: str = ""):
     c.train.global_batch_size = 8
     c.train.num_steps = 8
     c.train.warmup_steps = 2
+    c.train.end_lr_fraction = 1.0  # flat after warm-up: a run's losses do not depend on its length (num_steps)
     c.train.log_every = 1
     c.train.checkpoint_every = 2
     c.train.sample_num = 2

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import TRAINED, TRAINED_STEPS
 from tests.xla_flags import xla_flags
 from vdit_jax import inference
 from vdit_jax.data import evaluate as evaluate_lib
@@ -26,8 +27,6 @@ from vdit_jax.train import metrics as metrics_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
 pytestmark = pytest.mark.slow
-TRAINED_STEPS = 20
-TRAINED = [f"--config.train.num_steps={TRAINED_STEPS}", "--config.train.checkpoint_every=3"]
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +74,7 @@ def _wait_for_step(workdir, step, proc, timeout=240):
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
-@pytest.mark.xdist_group("trained")  # one worker builds the `trained` fixture (launch/test.sh: loadgroup)
+@pytest.mark.xdist_group("trained")  # one worker builds the `trained_run` fixture (launch/test.sh: loadgroup)
 def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, data_dir, trained):
     expected = _losses(trained)  # the uninterrupted run of the same config
     assert sorted(expected) == list(range(1, TRAINED_STEPS + 1))
@@ -133,7 +132,7 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path, data_
     assert at == steps[-1] and all(np.isfinite(a).all() for a in jax.tree.leaves(ema))
 
 
-@pytest.mark.xdist_group("trained")  # one worker builds the `trained` fixture (launch/test.sh: loadgroup)
+@pytest.mark.xdist_group("trained")  # one worker builds the `trained_run` fixture (launch/test.sh: loadgroup)
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, data_dir, trained):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)  # checkpoints 15, 18, 20 (every 3 and the last; 3 kept)
@@ -157,15 +156,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, data_dir, tr
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, data_dir):
-    """A finished run shared by the sampling, kill -9 and corrupt-checkpoint tests (copy it before changing it)."""
-    workdir = tmp_path_factory.mktemp("trained") / "run"
-    proc = _run(_train_cmd(workdir, data_dir, *TRAINED))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
+def trained(trained_run):
+    """The finished run of tests/conftest.py (copy it before changing it)."""
+    return trained_run
 
 
-@pytest.mark.xdist_group("trained")  # one worker builds the `trained` fixture (launch/test.sh: loadgroup)
+@pytest.mark.xdist_group("trained")  # one worker builds the `trained_run` fixture (launch/test.sh: loadgroup)
 def test_train_sample_evaluate_end_to_end(tmp_path, trained):
     workdir = trained
     for name in ("config.json", "metrics.jsonl", "last_metrics.json"):
@@ -211,7 +207,7 @@ def test_train_sample_evaluate_end_to_end(tmp_path, trained):
     assert metrics["num_samples"] == 3
 
 
-@pytest.mark.xdist_group("trained")  # one worker builds the `trained` fixture (launch/test.sh: loadgroup)
+@pytest.mark.xdist_group("trained")  # one worker builds the `trained_run` fixture (launch/test.sh: loadgroup)
 @pytest.mark.parametrize(
     "args,match",
     [

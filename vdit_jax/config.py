@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Network (every field of vdit_jax.models.DiTConfig).
     c.model = ml_collections.ConfigDict(dataclasses.asdict(dit.dit_config("tiny")))
+    c.model.kind = "dit"  # what is trained: a task of vdit_jax.tasks (the trainer, sampler and bench look it up)
     c.model.patch_size = (1, 4, 4)
     c.model.windows = ((4, 8, 8), (2, 4, 4))
     c.model.out_channels = ml_collections.config_dict.placeholder(int)  # None (= in_channels), typed for overrides
@@ -66,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.timestep_sampling = "uniform"  # uniform / logit_normal (t/T = sigmoid(N(mean, std)), SD3)
     c.diffusion.timestep_logit_mean = 0.0  # logit_normal only: > 0 trains noisier steps more, < 0 cleaner ones
     c.diffusion.timestep_logit_std = 1.0
-    c.diffusion.label_dropout = 0.1  # probability of the null class in training (classifier-free guidance)
+    c.diffusion.label_dropout = 0.1  # probability of the null label / text in training (classifier-free guidance)
 
     # Optimisation.
     c.train = ml_collections.ConfigDict()
@@ -107,18 +108,23 @@ def base_config() -> ml_collections.ConfigDict:
 def model_config(config: ml_collections.ConfigDict) -> dit.DiTConfig:
     """The frozen DiTConfig of a config (tuples restored from lists)."""
     m = config.model.to_dict()
+    m.pop("kind")
     m["patch_size"] = tuple(m["patch_size"])
     m["windows"] = tuple(tuple(w) for w in m["windows"])
     m["label_factors"] = tuple(m["label_factors"])
     return dit.DiTConfig(**m)
 
 
+def diffusion_config(config: ml_collections.ConfigDict) -> diffusion.DiffusionConfig:
+    """The frozen `DiffusionConfig` of `config.diffusion`."""
+    d = config.diffusion.to_dict()
+    d["cond_dropout"] = d.pop("label_dropout")
+    return diffusion.DiffusionConfig(**d)
+
+
 def schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
     """The diffusion schedule of a config (`config.diffusion`); raises ValueError for one that cannot work."""
-    d = config.diffusion
-    return diffusion.make_schedule(
-        d.schedule, d.num_timesteps, prediction=d.prediction, zero_terminal_snr=d.zero_terminal_snr
-    )
+    return diffusion_config(config).make_schedule()
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
@@ -128,7 +134,8 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
     return (config.data.num_frames or (t - 1) // config.data.frame_stride + 1, h, w, ch)
 
 
-def _check(ok: bool, msg: str):
+def check(ok: bool, msg: str):
+    """Raises ConfigError(msg) unless ok."""
     if not ok:
         raise ConfigError(msg)
 
@@ -137,7 +144,7 @@ def _one_of(config, key: str, allowed):
     value = config
     for part in key.split("."):
         value = value[part]
-    _check(value in allowed, f"config.{key}={value!r} is not allowed; use one of {list(allowed)}")
+    check(value in allowed, f"config.{key}={value!r} is not allowed; use one of {list(allowed)}")
 
 
 def _is_int(v) -> bool:
@@ -189,20 +196,20 @@ def _check_keys_and_types(config, base, prefix: str = ""):
             raise ConfigError(f"config.{prefix}{key} is not a config key (see vdit_jax.config.base_config){hint}")
     for key, default in base.items():
         path = f"{prefix}{key}"
-        _check(key in config, f"config.{path} is missing (every key of vdit_jax.config.base_config must be set)")
+        check(key in config, f"config.{path} is missing (every key of vdit_jax.config.base_config must be set)")
         value = config[key]
         if isinstance(default, ml_collections.ConfigDict):
-            _check(
+            check(
                 isinstance(value, ml_collections.ConfigDict | Mapping), f"config.{path}={value!r} must be a ConfigDict"
             )
             if path == "mesh_shape":  # axes may be left out (size 1); unknown ones are refused by the mesh check
                 for axis, size in value.items():
-                    _check(_is_int(size), f"config.mesh_shape.{axis}={size!r} must be an int")
+                    check(_is_int(size), f"config.mesh_shape.{axis}={size!r} must be an int")
             else:
                 _check_keys_and_types(value, default, f"{path}.")
             continue
         what, ok = _LEAF_TYPES.get(path) or _BASE_TYPES[type(default)]
-        _check(ok(value), f"config.{path}={value!r} must be {what}")
+        check(ok(value), f"config.{path}={value!r} must be {what}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1):
@@ -211,7 +218,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     First every key and the type of its value (against `base_config()`), then each value's range; the first bad
     value raises `ConfigError` naming the key, the value and what is allowed.
     """
+    from vdit_jax import tasks  # late: the tasks import this module
+
     _check_keys_and_types(config, base_config())
+    try:
+        task = tasks.task_class(config.model.kind)
+    except ValueError as e:
+        raise ConfigError(f"config.model.kind: {e}") from None
     _one_of(config, "diffusion.schedule", SCHEDULES)
     _one_of(config, "diffusion.prediction", PREDICTIONS)
     _one_of(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)
@@ -219,30 +232,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _one_of(config, "sample.sampler", SAMPLERS)
     _one_of(config, "sample.ddpm_variance", DDPM_VARIANCES)
     d, tr, s = config.diffusion, config.train, config.sample
-    _check(d.num_timesteps >= 2, f"config.diffusion.num_timesteps={d.num_timesteps} must be >= 2")
+    check(d.num_timesteps >= 2, f"config.diffusion.num_timesteps={d.num_timesteps} must be >= 2")
     try:
         schedule(config)
     except ValueError as e:
         raise ConfigError(f"config.diffusion: {e}") from None
-    _check(d.min_snr_gamma >= 0, f"config.diffusion.min_snr_gamma={d.min_snr_gamma} must be >= 0 (0 = off)")
-    _check(
+    check(d.min_snr_gamma >= 0, f"config.diffusion.min_snr_gamma={d.min_snr_gamma} must be >= 0 (0 = off)")
+    check(
         0 <= d.min_snr_floor <= max(d.min_snr_gamma, 0),
         f"config.diffusion.min_snr_floor={d.min_snr_floor} must be in [0, min_snr_gamma={d.min_snr_gamma}]",
     )
-    _check(d.timestep_logit_std > 0, f"config.diffusion.timestep_logit_std={d.timestep_logit_std} must be > 0")
-    _check(0 <= d.label_dropout < 1, f"config.diffusion.label_dropout={d.label_dropout} must be in [0, 1)")
-    _check(1 <= s.steps <= d.num_timesteps, f"config.sample.steps={s.steps} must be in [1, {d.num_timesteps}]")
-    _check(s.eta >= 0, f"config.sample.eta={s.eta} must be >= 0")
-    _check(s.guidance >= 0, f"config.sample.guidance={s.guidance} must be >= 0")
-    _check(s.clip_x0 >= 0, f"config.sample.clip_x0={s.clip_x0} must be >= 0 (0 = no clipping)")
-    _check(s.fps >= 1, f"config.sample.fps={s.fps} must be >= 1")
-    _check(0 <= config.seed < 2**32, f"config.seed={config.seed} must be in [0, 2**32)")
+    check(d.timestep_logit_std > 0, f"config.diffusion.timestep_logit_std={d.timestep_logit_std} must be > 0")
+    check(0 <= d.label_dropout < 1, f"config.diffusion.label_dropout={d.label_dropout} must be in [0, 1)")
+    check(1 <= s.steps <= d.num_timesteps, f"config.sample.steps={s.steps} must be in [1, {d.num_timesteps}]")
+    check(s.eta >= 0, f"config.sample.eta={s.eta} must be >= 0")
+    check(s.guidance >= 0, f"config.sample.guidance={s.guidance} must be >= 0")
+    check(s.clip_x0 >= 0, f"config.sample.clip_x0={s.clip_x0} must be >= 0 (0 = no clipping)")
+    check(s.fps >= 1, f"config.sample.fps={s.fps} must be >= 1")
+    check(0 <= config.seed < 2**32, f"config.seed={config.seed} must be in [0, 2**32)")
     for key in ("sample_num", "sample_every", "weight_decay", "grad_clip"):
-        _check(tr[key] >= 0, f"config.train.{key}={tr[key]} must be >= 0")
+        check(tr[key] >= 0, f"config.train.{key}={tr[key]} must be >= 0")
     for key in ("end_lr_fraction",):
-        _check(0 <= tr[key] <= 1, f"config.train.{key}={tr[key]} must be in [0, 1]")
+        check(0 <= tr[key] <= 1, f"config.train.{key}={tr[key]} must be in [0, 1]")
     for key in ("b1", "b2"):
-        _check(0 <= tr[key] < 1, f"config.train.{key}={tr[key]} must be in [0, 1)")
+        check(0 <= tr[key] < 1, f"config.train.{key}={tr[key]} must be in [0, 1)")
     for key in (
         "num_steps",
         "global_batch_size",
@@ -252,43 +265,33 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         "keep_checkpoints",
         "max_consecutive_nonfinite",
     ):
-        _check(tr[key] >= 1, f"config.train.{key}={tr[key]} must be >= 1")
-    _check(tr.learning_rate > 0, f"config.train.learning_rate={tr.learning_rate} must be > 0")
-    _check(0 <= tr.ema_decay < 1, f"config.train.ema_decay={tr.ema_decay} must be in [0, 1)")
-    _check(tr.warmup_steps >= 0, f"config.train.warmup_steps={tr.warmup_steps} must be >= 0")
+        check(tr[key] >= 1, f"config.train.{key}={tr[key]} must be >= 1")
+    check(tr.learning_rate > 0, f"config.train.learning_rate={tr.learning_rate} must be > 0")
+    check(0 <= tr.ema_decay < 1, f"config.train.ema_decay={tr.ema_decay} must be in [0, 1)")
+    check(tr.warmup_steps >= 0, f"config.train.warmup_steps={tr.warmup_steps} must be >= 0")
 
     # The data.
     da = config.data
     for key in ("name", "split", "feature_key"):
-        _check(da[key] != "", f"config.data.{key}='' must be a non-empty str")
-    _check(da.num_classes >= 0, f"config.data.num_classes={da.num_classes} must be >= 0 (0 = unconditional)")
-    _check(
+        check(da[key] != "", f"config.data.{key}='' must be a non-empty str")
+    check(da.num_classes >= 0, f"config.data.num_classes={da.num_classes} must be >= 0 (0 = unconditional)")
+    check(
         da.num_classes == 0 or da.label_key != "",
         f"config.data.label_key='' (no labels) but config.data.num_classes={da.num_classes}: a class-conditional "
         "model needs the label feature",
     )
 
-    # The network, its input and the patch size.
-    try:
-        mc = model_config(config)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.model: {e}") from None
+    # The data's shape and the frames a training example takes.
     shape = tuple(config.data.video_shape)
-    _check(len(shape) == 4 and min(shape) > 0, f"config.data.video_shape={shape} must be (T, H, W, C) > 0")
-    _check(mc.in_channels == shape[3], f"config.model.in_channels={mc.in_channels} != video channels {shape[3]}")
-    _check(
-        mc.out_channels in (None, mc.in_channels),
-        f"config.model.out_channels={mc.out_channels} must be None or in_channels={mc.in_channels} (the network "
-        "predicts eps / v / x0, shaped like its input)",
-    )
-    _check(
+    check(len(shape) == 4 and min(shape) > 0, f"config.data.video_shape={shape} must be (T, H, W, C) > 0")
+    check(
         0 <= config.data.num_frames <= shape[0],
         f"config.data.num_frames={config.data.num_frames} must be in [0, {shape[0]}] (0 = all frames)",
     )
-    _check(config.data.frame_stride >= 1, f"config.data.frame_stride={config.data.frame_stride} must be >= 1")
-    t, h, w, _ = input_shape(config)
+    check(config.data.frame_stride >= 1, f"config.data.frame_stride={config.data.frame_stride} must be >= 1")
+    t = input_shape(config)[0]
     window = (t - 1) * config.data.frame_stride + 1
-    _check(
+    check(
         window <= shape[0],
         f"config.data.num_frames={config.data.num_frames} with frame_stride={config.data.frame_stride} needs a "
         f"window of {window} frames, but the videos have {shape[0]}",
@@ -296,32 +299,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if config.data.name == moving_shapes.NAME:
         _one_of(config, "data.builder_config", moving_shapes.CONFIG_NAMES)
         stored = moving_shapes.video_shape(config.data.builder_config)
-        _check(
+        check(
             shape == stored,
             f"config.data.video_shape={shape} does not match moving_shapes/{config.data.builder_config}, whose "
             f"videos are {stored}",
         )
-    _check(
-        t % mc.patch_size[0] == 0 and h % mc.patch_size[1] == 0 and w % mc.patch_size[2] == 0,
-        f"config.model.patch_size={tuple(mc.patch_size)} must divide the video (T, H, W) = {(t, h, w)}",
-    )
-    _check(
-        mc.num_classes == config.data.num_classes,
-        f"config.model.num_classes={mc.num_classes} != config.data.num_classes={config.data.num_classes}",
-    )
-    _check(
-        config.data.text_len >= 0 and (config.data.text_len > 0) == (mc.text_dim > 0),
-        f"config.data.text_len={config.data.text_len} and config.model.text_dim={mc.text_dim} must both be > 0 "
-        "(text conditioning) or both be 0",
-    )
-    if mc.attention == "windowed":
-        grid = (t // mc.patch_size[0], h // mc.patch_size[1], w // mc.patch_size[2])
-        for win in mc.windows:
-            clipped = tuple(min(a, g) for a, g in zip(win, grid))
-            _check(
-                all(g % a == 0 for a, g in zip(clipped, grid)),
-                f"config.model.windows entry {tuple(win)} must divide the token grid {grid}",
-            )
+
+    # The network's own values (the task of config.model.kind).
+    task.validate(config)
 
     # The mesh and the batch.
     try:
@@ -334,33 +319,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"config.{e}") from None
     known = [name for name, _ in sh.default_rules()]
     for name, _ in rules:
-        _check(
+        check(
             name in known,
             f"config.logical_axis_rules names {name!r}, which is not a logical axis of the model; use one of {known}",
         )
     sizes = dict(zip(sh.MESH_AXES, shape_))
     data_ways = sizes[sh.DATA] * sizes[sh.FSDP]
     micro = tr.global_batch_size // tr.grad_accum_steps
-    _check(
+    check(
         tr.global_batch_size % tr.grad_accum_steps == 0,
         f"config.train.global_batch_size={tr.global_batch_size} must be divisible by "
         f"grad_accum_steps={tr.grad_accum_steps}",
     )
-    _check(
+    check(
         micro % data_ways == 0,
         f"the micro-batch {micro} (global_batch_size / grad_accum_steps) must be divisible by the data axes "
         f"data x fsdp = {data_ways} of mesh {sizes}",
     )
-    _check(
+    check(
         tr.global_batch_size % process_count == 0,
         f"config.train.global_batch_size={tr.global_batch_size} must be divisible by the {process_count} processes",
     )
-    n_tokens = (t // mc.patch_size[0]) * (h // mc.patch_size[1]) * (w // mc.patch_size[2])
-    _check(
-        n_tokens % sizes[sh.SEQUENCE] == 0,
-        f"the {n_tokens} tokens per video must be divisible by the sequence axis {sizes[sh.SEQUENCE]}",
-    )
-    _check(
-        mc.num_heads % sizes[sh.TENSOR] == 0,
-        f"config.model.num_heads={mc.num_heads} must be divisible by the tensor axis {sizes[sh.TENSOR]}",
-    )
+    task.validate_mesh(config, sizes)

@@ -9,6 +9,7 @@ Losses and samplers take ``model_fn(x_t, t) -> prediction`` (t int32 [B] in [0, 
 trains through ``loss_fn(self_conditioned(model_fn, sched, rng), ...)`` and samples with ``self_condition=True``.
 """
 
+from vdit_jax.diffusion.config import DiffusionConfig
 from vdit_jax.diffusion.objectives import (
     LOSS_TYPES,
     SELF_CONDITION_RATE,
@@ -44,6 +45,7 @@ from vdit_jax.diffusion.schedules import (
 )
 
 __all__ = [
+    "DiffusionConfig",
     "LOSS_TYPES",
     "PREDICTIONS",
     "SCHEDULES",

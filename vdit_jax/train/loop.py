@@ -26,7 +26,7 @@ import tqdm
 from absl import logging
 
 from vdit_jax import config as config_lib
-from vdit_jax import inference, paths, video_io
+from vdit_jax import inference, paths, tasks, video_io
 from vdit_jax.data import sources
 from vdit_jax.parallel import distributed
 from vdit_jax.parallel import mesh as mesh_lib
@@ -83,17 +83,12 @@ def write_samples(config, params, step: int, workdir, data_dir) -> str:
 
     Runs on this process's first local device (params are host arrays): call it on one process only.
     """
-    cond = sources.sample_conditions(config, data_dir, config.train.sample_num, seed=config.seed + 1)
-    videos = inference.sample(
-        config,
-        params,
-        cond["labels"],
-        jax.random.key(config.seed + 1),
-        text=cond.get("text"),
-        text_mask=cond.get("text_mask"),
-    )
+    task = tasks.get(config)
+    cond = task.sample_conditions(data_dir, config.train.sample_num, seed=config.seed + 1)
+    captions = cond.pop("captions")
+    videos = task.sample(params, cond, jax.random.key(config.seed + 1))
     out_dir = paths.resolve(workdir) / "samples" / f"step_{step}"
-    return video_io.save_samples(out_dir, videos, cond["captions"], fps=config.sample.fps)
+    return video_io.save_samples(out_dir, videos, captions, fps=config.sample.fps)
 
 
 def _sample_on_process_0(config, state, step: int, workdir, data_dir, rules) -> str | None:

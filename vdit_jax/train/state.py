@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vdit_jax import config as config_lib
-from vdit_jax.models import dit
+from vdit_jax import tasks
 
 
 @flax.struct.dataclass
@@ -62,8 +61,8 @@ def make_optimizer(tc: ml_collections.ConfigDict, num_steps=None) -> optax.Gradi
     return optax.chain(*parts)
 
 
-def _init_state(rng: jax.Array, model_cfg: dit.DiTConfig, tx, video_shape) -> TrainState:
-    params = dit.init_params(model_cfg, rng, video_shape)["params"]
+def _init_state(rng: jax.Array, task, tx, batch) -> TrainState:
+    params = task.init(rng, batch)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -89,11 +88,10 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, r
 
 
 def _init_fn(config: ml_collections.ConfigDict):
-    model_cfg = config_lib.model_config(config)
+    task = tasks.get(config)
     tx = make_optimizer(config.train)
-    micro = config.train.global_batch_size // config.train.grad_accum_steps
-    video_shape = (micro, *config_lib.input_shape(config))
-    return functools.partial(_init_state, model_cfg=model_cfg, tx=tx, video_shape=video_shape)
+    batch = task.batch_shapes(config.train.global_batch_size // config.train.grad_accum_steps)  # a micro-batch
+    return functools.partial(_init_state, task=task, tx=tx, batch=batch)
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, rng: jax.Array) -> TrainState:

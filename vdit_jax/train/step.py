@@ -1,8 +1,8 @@
-"""The pure train step and its jitted, sharded form.
+"""The pure train step and its jitted, sharded form, the same for every task (`vdit_jax.tasks`).
 
-`train_step(state, batch, *, ...) -> (state, metrics)` is a module-level pure function: the diffusion loss comes
-from `vdit_jax.diffusion`, the network from `vdit_jax.models`; the step adds label dropout, gradient accumulation,
-the optimiser, the EMA and the skip of non-finite updates.
+`train_step(state, batch, num_steps, *, task, tc) -> (state, metrics)` is a module-level pure function: the task
+gives the per-example draws (`prepare_batch`) and the objective (`loss`); the step adds gradient accumulation, the
+optimiser, the EMA and the skip of non-finite updates.
 """
 
 from __future__ import annotations
@@ -17,53 +17,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from vdit_jax import config as config_lib
-from vdit_jax import diffusion
-from vdit_jax.models import dit
+from vdit_jax import tasks
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train.state import TrainState, make_optimizer, state_shardings
 
-# {"video": float32 [B, T, H, W, C] (pixels in [-1, 1] or latents), "label": int32 [B], and for text models
-#  (model.text_dim > 0) "text": float32 [B, L, text_dim] precomputed text-encoder embeddings and "text_mask": bool
-#  [B, L] (True = a real token; optional for `train_step`, part of `batch_shapes`)}
+# The task's batch fields (`Task.batch_shapes`), e.g. for the DiT {"video": float32 [B, T, H, W, C], "label": int32
+# [B], and for text models "text" float32 [B, L, D] and "text_mask" bool [B, L]}.
 Batch = dict[str, jax.Array]
-
-
-def _loss(
-    params,
-    video,
-    labels,
-    t,
-    noise,
-    text,
-    text_mask,
-    self_cond_rng,
-    *,
-    model,
-    sched,
-    min_snr_gamma,
-    min_snr_floor,
-    num_classes,
-    loss_type="mse",
-):
-    y = labels if num_classes else None
-    if model.config.self_condition:
-        net = lambda x_t, tt, x0: model.apply({"params": params}, x_t, tt, y, text, x0, text_mask)
-        model_fn = diffusion.self_conditioned(net, sched, self_cond_rng)
-    else:
-        model_fn = lambda x_t, tt: model.apply({"params": params}, x_t, tt, y, text, None, text_mask)
-    per_example, aux = diffusion.loss_fn(
-        model_fn,
-        sched,
-        video,
-        jax.random.key(0),
-        min_snr_gamma=min_snr_gamma,
-        min_snr_floor=min_snr_floor,
-        t=t,
-        noise=noise,
-        loss_type=loss_type,
-    )
-    return jnp.mean(per_example), jnp.mean(aux["mse"])
 
 
 def train_step(
@@ -71,52 +31,26 @@ def train_step(
     batch: Batch,
     num_steps: jax.Array | int,
     *,
-    model: dit.DiT,
-    sched: diffusion.Schedule,
+    task: tasks.Task,
     tc: ml_collections.ConfigDict,
-    min_snr_gamma: float | None,
-    min_snr_floor: float,
-    label_dropout: float,
-    num_classes: int,
-    timestep_sampling: dict[str, Any] | None = None,
-    loss_type: str = "mse",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update from one global batch (split into `tc.grad_accum_steps` micro-batches).
 
-    `num_steps` is the run's length for the learning-rate schedule (`state.make_optimizer`), an argument rather than
-    a constant of the compiled step: runs that differ only in their length share one compiled step.
+    The task's per-example draws (timesteps, noise, condition dropout) are made for the whole global batch before
+    it is split, and every micro-batch's loss gets the step's key, so an accumulated step computes the same
+    gradient as one full-batch step. `num_steps` is the run's length for the learning-rate schedule
+    (`state.make_optimizer`), an argument rather than a constant of the compiled step: runs that differ only in
+    their length share one compiled step.
 
-    Timesteps, noise and label / text dropout are drawn for the whole global batch before it is split, so an
-    accumulated step computes the same gradient as one full-batch step. Text models read `batch["text"]` and
-    `batch["text_mask"]` (absent = all tokens real) and replace an example's text by the null text (zeros, mask all
-    True: `dit.null_text`) at the `label_dropout` rate.
+    Metrics: "loss", the task's metrics (e.g. "mse"), "grad_norm", "finite" (1.0 / 0.0), "nonfinite_total",
+    "nonfinite_streak".
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
-    # One self-conditioning draw for the whole step (all micro-batches): accumulation keeps the full-batch gradient.
-    self_cond_rng = jax.random.fold_in(drop_rng, 2)
-    video, labels = batch["video"], batch["label"]
-    text = batch["text"] if model.config.text_dim else None
-    text_mask = batch.get("text_mask") if model.config.text_dim else None
-    t = diffusion.sample_timesteps(t_rng, video.shape[0], sched.num_timesteps, **(timestep_sampling or {}))
-    noise = jax.random.normal(noise_rng, video.shape, jnp.float32)
-    if num_classes:
-        labels = dit.drop_labels(drop_rng, labels, label_dropout, num_classes)
-    if text is not None:
-        text, text_mask = dit.drop_text(jax.random.fold_in(drop_rng, 1), text, label_dropout, text_mask)
-    loss_fn = functools.partial(
-        _loss,
-        model=model,
-        sched=sched,
-        min_snr_gamma=min_snr_gamma,
-        min_snr_floor=min_snr_floor,
-        num_classes=num_classes,
-        loss_type=loss_type,
-    )
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    batch = task.prepare_batch(batch, rng)
+    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
     k = tc.grad_accum_steps
     if k == 1:
-        (loss, mse), grads = grad_fn(state.params, video, labels, t, noise, text, text_mask, self_cond_rng)
+        (loss, task_metrics), grads = grad_fn(state.params, batch, rng)
     else:
 
         def split(a):  # [B, ...] -> [k, B / k, ...]: micro-batch i holds examples i, i + k, i + 2k, ...
@@ -126,13 +60,13 @@ def train_step(
             return nn.with_logical_constraint(a, (None, sh.BATCH) + (None,) * (a.ndim - 2))
 
         def accumulate(carry, micro):
-            (loss_i, mse_i), g = grad_fn(state.params, *micro, self_cond_rng)
-            return jax.tree.map(jnp.add, carry, (loss_i, mse_i, g)), None
+            out, g = grad_fn(state.params, micro, rng)
+            return jax.tree.map(jnp.add, carry, (out, g)), None
 
-        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-        micro = jax.tree.map(split, (video, labels, t, noise, text, text_mask))  # None stays None
-        (loss, mse, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-        loss, mse, grads = jax.tree.map(lambda a: a / k, (loss, mse, grads))
+        shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda a: a[: a.shape[0] // k], batch), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        ((loss, task_metrics), grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+        loss, task_metrics, grads = jax.tree.map(lambda a: a / k, (loss, task_metrics, grads))
 
     grad_norm = optax.tree.norm(grads)
     tx = make_optimizer(tc, num_steps)
@@ -154,7 +88,7 @@ def train_step(
     )
     metrics = {
         "loss": loss,
-        "mse": mse,
+        **task_metrics,
         "grad_norm": grad_norm,
         "finite": finite.astype(jnp.float32),
         "nonfinite_total": new_state.nonfinite_total,
@@ -188,21 +122,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
     Call it inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` (as `loop.train` does).
     """
-    d = config.diffusion
-    step = functools.partial(
-        train_step,
-        model=dit.DiT(config_lib.model_config(config)),
-        sched=config_lib.schedule(config),
-        tc=config.train,
-        min_snr_gamma=d.min_snr_gamma or None,
-        min_snr_floor=d.min_snr_floor,
-        label_dropout=d.label_dropout,
-        num_classes=config.model.num_classes,
-        timestep_sampling=dict(
-            sampling=d.timestep_sampling, logit_mean=d.timestep_logit_mean, logit_std=d.timestep_logit_std
-        ),
-        loss_type=d.loss,
-    )
+    step = functools.partial(train_step, task=tasks.get(config), tc=config.train)
     state_sh = state_shardings(config, mesh, rules)
     jitted = jax.jit(
         step,
@@ -214,16 +134,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of one global batch: video and label, plus text and text_mask (bool) for text models."""
-    b = config.train.global_batch_size
-    out = {
-        "video": jax.ShapeDtypeStruct((b, *config_lib.input_shape(config)), jnp.float32),
-        "label": jax.ShapeDtypeStruct((b,), jnp.int32),
-    }
-    if config.model.text_dim:
-        out["text"] = jax.ShapeDtypeStruct((b, config.data.text_len, config.model.text_dim), jnp.float32)
-        out["text_mask"] = jax.ShapeDtypeStruct((b, config.data.text_len), jnp.bool_)
-    return out
+    """Shapes and dtypes of one global batch: the fields the config's task reads (`Task.batch_shapes`)."""
+    return tasks.get(config).batch_shapes(config.train.global_batch_size)
 
 
 def batch_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""What can be trained: one `Task` per network kind, looked up by `config.model.kind`.
+
+The trainer (`vdit_jax.train`), the sampler, the benchmark and the dry run never ask which network they run: they
+ask the task of the config for
+
+  - `batch_shapes(batch_size)`: the batch fields it needs (names of DESIGN.md §4) with shapes and dtypes;
+  - `init(rng, batch)`: the network's (logically annotated) parameters for a batch spec;
+  - `prepare_batch(batch, rng)`: the per-example random draws of a step (diffusion timesteps, noise, condition
+    dropout, ...), made once for the whole global batch so an accumulated step equals the full-batch one;
+  - `loss(params, batch, rng) -> (loss, metrics)`: the pure objective, built from `vdit_jax.diffusion`;
+  - `sample(params, cond, rng, ...)`: its sampling function, and `sample_conditions(...)` for training-time
+    samples;
+  - `validate(config)`, `validate_mesh(config, mesh_sizes)`: the checks of its own config values.
+
+EMA, gradient accumulation, non-finite skipping, checkpoints, metrics and the jitted sharded step are written once,
+in `vdit_jax.train`, for every task.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import jax
+import ml_collections
+import numpy as np
+
+Batch = dict[str, jax.Array]
+
+
+class Task(abc.ABC):
+    """A trainable network and its objective, bound to a config. Subclasses set `kind` and are registered with
+    `@register`."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    @abc.abstractmethod
+    def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The fields of a batch of `batch_size` examples this task reads."""
+
+    @abc.abstractmethod
+    def init(self, rng: jax.Array, batch: dict[str, jax.ShapeDtypeStruct]) -> Any:
+        """Boxed (logically partitioned) parameters for batches shaped like `batch` (a micro-batch spec)."""
+
+    def prepare_batch(self, batch: Batch, rng: jax.Array) -> Batch:
+        """The batch with this step's per-example random draws added (default: unchanged)."""
+        del rng
+        return batch
+
+    @abc.abstractmethod
+    def loss(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(mean loss [], metrics {name: mean []}) of a (micro-)batch from `prepare_batch`; pure and jit-able."""
+
+    @abc.abstractmethod
+    def sample(self, params: Any, cond: dict[str, Any], rng: jax.Array, **options) -> np.ndarray:
+        """Generates one output per condition row (see the task's docstring for `cond` and `options`)."""
+
+    @abc.abstractmethod
+    def sample_conditions(self, data_dir, num: int, seed: int) -> dict[str, Any]:
+        """`num` conditions for training-time samples: `sample`'s `cond` plus "captions" (list of str)."""
+
+    @classmethod
+    def validate(cls, config: ml_collections.ConfigDict) -> None:
+        """Raises `config.ConfigError` for a value of this task's that cannot work (default: none)."""
+        del config
+
+    @classmethod
+    def validate_mesh(cls, config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> None:
+        """Raises `config.ConfigError` where this task's values do not suit the mesh (default: none)."""
+        del config, mesh_sizes
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: makes `cls` the task of `config.model.kind == cls.kind`."""
+    if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
+        raise ValueError(f"two tasks of kind {cls.kind!r}: {_REGISTRY[cls.kind].__name__} and {cls.__name__}")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def kinds() -> tuple[str, ...]:
+    _load_builtin()
+    return tuple(sorted(_REGISTRY))
+
+
+def task_class(kind: str) -> type[Task]:
+    """The registered task class of `kind`; raises ValueError naming the kinds there are."""
+    _load_builtin()
+    if kind not in _REGISTRY:
+        raise ValueError(f"model kind {kind!r} is not one of {list(kinds())}")
+    return _REGISTRY[kind]
+
+
+def get(config: ml_collections.ConfigDict) -> Task:
+    """The task of `config.model.kind`, bound to `config`."""
+    return task_class(config.model.kind)(config)
+
+
+def _load_builtin() -> None:
+    # The built-in tasks register themselves on import (imported here, late: they import the config module,
+    # which looks tasks up).
+    from vdit_jax.tasks import dit  # noqa: F401

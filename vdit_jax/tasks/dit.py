@@ -1,0 +1,252 @@
+"""The spacetime DiT as a diffusion denoiser of videos (`config.model.kind = "dit"`).
+
+Batch: {"video": float32 [B, T, H, W, C] (pixels in [-1, 1] or latents), "label": int32 [B], and for text models
+(`model.text_dim > 0`) "text": float32 [B, L, text_dim] precomputed embeddings and "text_mask": bool [B, L]
+(True = a real token; optional in a batch given to the step)}.
+
+Objective: `diffusion.loss_fn` on the video with timesteps and noise drawn per example, labels and texts replaced
+by the null condition at `diffusion.label_dropout` (classifier-free guidance), self-conditioning (Chen et al. 2022)
+when the model has it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from jax.tree_util import Partial
+
+from vdit_jax import config as config_lib
+from vdit_jax import diffusion, tasks
+from vdit_jax.models import dit
+from vdit_jax.parallel import sharding as sh
+
+
+@functools.cache
+def _apply_fn(model_cfg: dit.DiTConfig):
+    """One function object per model config, so jit caches hit across calls; `cond` is a dict of the conditioning
+    the model takes ("label", "text", "text_mask")."""
+    model = dit.DiT(model_cfg)
+
+    def apply(params, x, t, cond, x0_prev=None):  # x0_prev: the samplers' self-conditioning estimate
+        return model.apply(
+            {"params": params}, x, t, cond.get("label"), cond.get("text"), x0_prev, cond.get("text_mask")
+        )
+
+    return apply
+
+
+def to_uint8(videos: jax.Array) -> np.ndarray:
+    """[-1, 1] floats -> uint8 [0, 255]."""
+    return np.asarray(jnp.clip(jnp.round((videos + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+
+
+@tasks.register
+class DiTTask(tasks.Task):
+    """Class-, text- or un-conditional video diffusion with the DiT of `config.model`."""
+
+    kind = "dit"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        self.net = config_lib.model_config(config)
+        self.diffusion = config_lib.diffusion_config(config)
+        self.sched = self.diffusion.make_schedule()
+        self.model = dit.DiT(self.net)
+
+    # ---------------------------------------------------------------- data and parameters
+
+    def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        out = {
+            "video": jax.ShapeDtypeStruct((batch_size, *config_lib.input_shape(self.config)), jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+        }
+        if self.net.text_dim:
+            length = self.config.data.text_len
+            out["text"] = jax.ShapeDtypeStruct((batch_size, length, self.net.text_dim), jnp.float32)
+            out["text_mask"] = jax.ShapeDtypeStruct((batch_size, length), jnp.bool_)
+        return out
+
+    def init(self, rng: jax.Array, batch: dict[str, jax.ShapeDtypeStruct]) -> Any:
+        return dit.init_params(self.net, rng, batch["video"].shape)["params"]
+
+    # ---------------------------------------------------------------- the objective
+
+    def prepare_batch(self, batch: tasks.Batch, rng: jax.Array) -> tasks.Batch:
+        """Adds "t" int32 [B] and "noise" (like video); drops labels / texts to the null condition."""
+        t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+        video = batch["video"]
+        out = dict(batch)
+        out["t"] = self.diffusion.sample_timesteps(t_rng, video.shape[0])
+        out["noise"] = jax.random.normal(noise_rng, video.shape, jnp.float32)
+        rate = self.diffusion.cond_dropout
+        if self.net.num_classes:
+            out["label"] = dit.drop_labels(drop_rng, batch["label"], rate, self.net.num_classes)
+        if self.net.text_dim:
+            text, mask = dit.drop_text(jax.random.fold_in(drop_rng, 1), batch["text"], rate, batch.get("text_mask"))
+            out["text"] = text
+            if mask is not None:
+                out["text_mask"] = mask
+        return out
+
+    def loss(self, params, batch: tasks.Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        y = batch["label"] if self.net.num_classes else None
+        text = batch["text"] if self.net.text_dim else None
+        text_mask = batch.get("text_mask") if self.net.text_dim else None
+        if self.net.self_condition:
+            # One self-conditioning draw per step (the same for every micro-batch of an accumulated step).
+            self_cond_rng = jax.random.fold_in(jax.random.split(rng, 3)[2], 2)
+            net = lambda x_t, t, x0: self.model.apply({"params": params}, x_t, t, y, text, x0, text_mask)
+            model_fn = diffusion.self_conditioned(net, self.sched, self_cond_rng)
+        else:
+            model_fn = lambda x_t, t: self.model.apply({"params": params}, x_t, t, y, text, None, text_mask)
+        per_example, aux = self.diffusion.loss_fn(
+            model_fn, self.sched, batch["video"], t=batch["t"], noise=batch["noise"]
+        )
+        return jnp.mean(per_example), {"mse": jnp.mean(aux["mse"])}
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample_conditions(self, data_dir, num: int, seed: int) -> dict[str, Any]:
+        from vdit_jax.data import sources
+
+        cond = sources.sample_conditions(self.config, data_dir, num, seed=seed)
+        out = {"label": cond["labels"], "captions": cond["captions"]}
+        if "text" in cond:
+            out["text"], out["text_mask"] = cond["text"], cond["text_mask"]
+        return out
+
+    def sample(
+        self,
+        params,
+        cond: dict[str, Any],
+        rng: jax.Array,
+        *,
+        sampler: str | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        guidance: float | None = None,
+        clip_x0: float | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """N videos, one per row of `cond` (see `inference.sample`, which documents every argument)."""
+        s = self.config.sample
+        sampler = s.sampler if sampler is None else sampler
+        steps = s.steps if steps is None else steps
+        eta = s.eta if eta is None else eta
+        guidance = s.guidance if guidance is None else guidance
+        clip_x0 = s.clip_x0 if clip_x0 is None else clip_x0
+        if sampler not in config_lib.SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is not one of {list(config_lib.SAMPLERS)}")
+        net = self.net
+        labels, text, text_mask = cond.get("label"), cond.get("text"), cond.get("text_mask")
+        if net.text_dim:
+            if text is None:
+                raise ValueError(
+                    f"this model is text-conditional (model.text_dim={net.text_dim}): pass text [N, L, "
+                    f"{net.text_dim}] (and text_mask [N, L]), e.g. from data.sources.sample_conditions"
+                )
+            text = np.asarray(text, np.float32)
+            if text.ndim != 3 or text.shape[2] != net.text_dim or len(text) == 0:
+                raise ValueError(f"text must be float [N, L, {net.text_dim}] with N >= 1, got {text.shape}")
+            text_mask = np.ones(text.shape[:2], bool) if text_mask is None else np.asarray(text_mask)
+            if text_mask.shape != text.shape[:2] or text_mask.dtype != bool:
+                raise ValueError(f"text_mask must be bool {text.shape[:2]}, got {text_mask.dtype} {text_mask.shape}")
+            labels = np.zeros((len(text),), np.int32) if labels is None else labels
+        if labels is None:
+            raise ValueError("no labels given: pass one label per video to sample")
+        labels = np.asarray(labels, np.int32).reshape(-1)
+        if labels.size == 0:
+            raise ValueError("no labels given: pass one label per video to sample")
+        if net.num_classes and (labels.min(initial=0) < 0 or labels.max(initial=0) >= net.num_classes):
+            raise ValueError(f"labels must be in [0, {net.num_classes}), got {labels.tolist()}")
+        if net.text_dim and len(labels) != len(text):
+            raise ValueError(f"got {len(labels)} labels but {len(text)} texts: give one of each per video")
+        shape = config_lib.input_shape(self.config)
+        apply = Partial(_apply_fn(net), params)
+        null = {}
+        if net.num_classes:
+            null["label"] = jnp.full((1,), net.num_classes, jnp.int32)
+        if net.text_dim:
+            null["text"], null["text_mask"] = dit.null_text(1, text.shape[1], net.text_dim)
+        guided = float(guidance) if null else 1.0  # an unconditional model has nothing to guide
+        out = []
+        chunks = range(0, len(labels), batch_size)
+        for start in tqdm.tqdm(chunks, desc=f"{sampler} x{len(chunks)}", disable=not progress, dynamic_ncols=True):
+            rows = slice(start, start + batch_size)
+            n = len(labels[rows])
+            row_cond = {}
+            if net.num_classes:
+                row_cond["label"] = jnp.asarray(labels[rows])
+            if net.text_dim:
+                row_cond["text"], row_cond["text_mask"] = jnp.asarray(text[rows]), jnp.asarray(text_mask[rows])
+            model_fn = diffusion.cfg_model_fn(apply, row_cond, null, guided)
+            key = jax.random.fold_in(rng, start)
+            kw = dict(clip_x0=clip_x0 or None, self_condition=net.self_condition)
+            if sampler == "ddim":
+                x = diffusion.ddim_sample(model_fn, self.sched, (n, *shape), key, num_steps=steps, eta=eta, **kw)
+            else:
+                x = diffusion.ddpm_sample(model_fn, self.sched, (n, *shape), key, variance=s.ddpm_variance, **kw)
+            out.append(to_uint8(x) if net.in_channels == 3 else np.asarray(x, np.float32))
+        return np.concatenate(out)
+
+    # ---------------------------------------------------------------- checks and costs
+
+    @classmethod
+    def validate(cls, config: ml_collections.ConfigDict) -> None:
+        check = config_lib.check
+        try:
+            mc = config_lib.model_config(config)
+        except (TypeError, ValueError) as e:
+            raise config_lib.ConfigError(f"config.model: {e}") from None
+        shape = tuple(config.data.video_shape)
+        check(mc.in_channels == shape[3], f"config.model.in_channels={mc.in_channels} != video channels {shape[3]}")
+        check(
+            mc.out_channels in (None, mc.in_channels),
+            f"config.model.out_channels={mc.out_channels} must be None or in_channels={mc.in_channels} (the network "
+            "predicts eps / v / x0, shaped like its input)",
+        )
+        t, h, w, _ = config_lib.input_shape(config)
+        check(
+            t % mc.patch_size[0] == 0 and h % mc.patch_size[1] == 0 and w % mc.patch_size[2] == 0,
+            f"config.model.patch_size={tuple(mc.patch_size)} must divide the video (T, H, W) = {(t, h, w)}",
+        )
+        check(
+            mc.num_classes == config.data.num_classes,
+            f"config.model.num_classes={mc.num_classes} != config.data.num_classes={config.data.num_classes}",
+        )
+        check(
+            config.data.text_len >= 0 and (config.data.text_len > 0) == (mc.text_dim > 0),
+            f"config.data.text_len={config.data.text_len} and config.model.text_dim={mc.text_dim} must both be > 0 "
+            "(text conditioning) or both be 0",
+        )
+        grid = (t // mc.patch_size[0], h // mc.patch_size[1], w // mc.patch_size[2])
+        if mc.attention == "windowed":
+            for win in mc.windows:
+                clipped = tuple(min(a, g) for a, g in zip(win, grid))
+                check(
+                    all(g % a == 0 for a, g in zip(clipped, grid)),
+                    f"config.model.windows entry {tuple(win)} must divide the token grid {grid}",
+                )
+
+    @classmethod
+    def validate_mesh(cls, config: ml_collections.ConfigDict, mesh_sizes: dict[str, int]) -> None:
+        check = config_lib.check
+        mc = config_lib.model_config(config)
+        t, h, w, _ = config_lib.input_shape(config)
+        grid = (t // mc.patch_size[0], h // mc.patch_size[1], w // mc.patch_size[2])
+        n_tokens = grid[0] * grid[1] * grid[2]
+        check(
+            n_tokens % mesh_sizes[sh.SEQUENCE] == 0,
+            f"the {n_tokens} tokens per video must be divisible by the sequence axis {mesh_sizes[sh.SEQUENCE]}",
+        )
+        check(
+            mc.num_heads % mesh_sizes[sh.TENSOR] == 0,
+            f"config.model.num_heads={mc.num_heads} must be divisible by the tensor axis {mesh_sizes[sh.TENSOR]}",
+        )
