@@ -2,8 +2,9 @@
 
 One 2-process run is killed (`kill -9` of process 1) after a checkpoint: process 0 must stop by itself, non-zero,
 with a clear message, well within a minute. The run then resumes on a different device count and mesh (2 processes
-x 1 device instead of 2 x 2) and must reproduce the losses of an uninterrupted reference run. The process count
-stays 2: each process's data-iterator position is saved separately (see vdit_jax.train.__main__).
+x 1 device instead of 2 x 2) and must reproduce the losses of an uninterrupted reference run, while process 0 alone
+writes training-time samples; then SIGTERM to one of the two makes both save the same step and exit 0. The process
+count stays 2: each process's data-iterator position is saved separately (see vdit_jax.train.__main__).
 """
 
 import os
@@ -97,12 +98,13 @@ def _finished_checkpoints(workdir) -> list[int]:
     return sorted(int(s) for s in os.listdir(path) if s.isdigit()) if os.path.isdir(path) else []
 
 
-def _wait_until(done, workdir, procs, what: str, timeout=180):
+def _wait_until(done, workdir, procs, what: str, timeout=180, tag=""):
     """Polls `done()` while both processes run; fails with their logs if one exits first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if any(p.poll() is not None for p in procs):
-            raise AssertionError(f"a process exited early:\n{_log(workdir, 0)[-3000:]}\n{_log(workdir, 1)[-3000:]}")
+            logs = [_log(workdir, i, tag)[-3000:] for i in (0, 1)]
+            raise AssertionError("a process exited early:\n" + "\n".join(logs))
         try:
             if done():
                 return
@@ -110,18 +112,6 @@ def _wait_until(done, workdir, procs, what: str, timeout=180):
             pass
         time.sleep(0.2)
     raise AssertionError(f"{what} not reached within {timeout} s")
-
-
-def _resume(run, data_dir, num_steps):
-    """Runs 2 processes x 1 device on to `num_steps` (logs: run.resume.p<i>.log); both must exit 0."""
-    procs = _launch(run, data_dir, f"--config.train.num_steps={num_steps}", devices=1, port=_free_port(), tag=".resume")
-    try:
-        rcs = [p.wait(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert rcs == [0, 0], f"{_log(run, 0, '.resume')[-3000:]}\n{_log(run, 1, '.resume')[-3000:]}"
 
 
 def _wait_for_checkpoint(workdir, step, procs):
@@ -142,7 +132,7 @@ def reference(trained_run) -> dict[int, float]:
 
 @pytest.mark.xdist_group("trained")  # one worker builds tests/conftest.py's `trained_run`
 @pytest.mark.slow
-def test_kill_one_process_then_resume_on_another_mesh(tmp_path, data_dir, reference):
+def test_kill_one_process_then_resume_on_another_mesh_then_sigterm_one(tmp_path, data_dir, reference):
     expected = reference
 
     # 2 processes x 2 devices (data 2 x fsdp 2); kill -9 process 1 once step 4 is checkpointed.
@@ -175,15 +165,50 @@ def test_kill_one_process_then_resume_on_another_mesh(tmp_path, data_dir, refere
     for step in sorted(before):
         np.testing.assert_allclose(before[step], expected[step], rtol=1e-5, err_msg=f"step {step} (2 x 2 devices)")
 
-    # Resume on 2 processes x 1 device (mesh data 2) and run two more steps.
+    # Resume on 2 processes x 1 device (mesh data 2), with training-time samples every 3 steps (process 0 alone);
+    # SIGTERM reaches one host of two: JAX's preemption sync point makes both save the same step and exit 0.
     resume_from = max(_finished_checkpoints(run))
     assert 4 <= resume_from <= 10
-    end = resume_from + 2
-    _resume(run, data_dir, end)
-    assert f"resumed from step {resume_from}" in _log(run, 0, ".resume")
-    after = _losses(run)
-    assert sorted(after) == list(range(1, end + 1))
-    for step in range(resume_from + 1, end + 1):
+    first_samples = run / "samples" / f"step_{(resume_from // 3 + 1) * 3}" / "samples.npz"
+    procs = _launch(
+        run,
+        data_dir,
+        "--config.train.num_steps=1000",
+        "--config.train.checkpoint_every=1000",
+        "--config.train.sample_every=3",
+        "--config.train.sample_num=2",
+        devices=1,
+        port=_free_port(),
+        tag=".resume",
+    )
+    try:
+        _wait_until(
+            lambda: first_samples.exists() and max(_losses(run)) >= resume_from + 2,
+            run,
+            procs,
+            f"samples {first_samples}",
+            timeout=240,
+            tag=".resume",
+        )
+        procs[1].send_signal(signal.SIGTERM)
+        rcs = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = [_log(run, i, ".resume") for i in (0, 1)]
+    assert rcs == [0, 0], f"{logs[0][-3000:]}\n{logs[1][-3000:]}"
+    assert f"resumed from step {resume_from}" in logs[0]
+    saved = [int(m) for m in re.findall(r"preemption: saved a checkpoint at step (\d+)", "\n".join(logs))]
+    assert len(saved) == 2 and saved[0] == saved[1], saved  # both processes, the same step
+    stop = saved[0]
+    assert resume_from + 2 <= stop <= REFERENCE_STEPS, stop
+    assert max(_finished_checkpoints(run)) == stop
+    samples = np.load(first_samples)
+    assert samples["videos"].shape == (2, 8, 32, 32, 3) and len(samples["prompts"]) == 2
+    after = _losses(run)  # every step once (the killed run's unsaved steps purged), as one uninterrupted process
+    assert sorted(after) == list(range(1, stop + 1))
+    for step in range(resume_from + 1, stop + 1):
         np.testing.assert_allclose(after[step], expected[step], rtol=1e-5, err_msg=f"step {step} (2 x 1 devices)")
 
 
@@ -230,44 +255,3 @@ def test_detect_environment():
         distributed.detect_environment(distributed.Settings("nohost", 2, 0), env={})
     with pytest.raises(distributed.DistributedError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
         distributed.detect_environment(distributed.Settings("h:1", 2, 2), env={})
-
-
-@pytest.mark.xdist_group("trained")  # one worker builds tests/conftest.py's `trained_run`
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_all_at_one_step_with_samples(tmp_path, data_dir, reference):
-    """SIGTERM reaches one host of two: JAX's preemption sync point makes both save the same step and exit 0;
-    training-time samples (`sample_every`) are written by process 0 meanwhile. (Resuming from a checkpoint of
-    several processes is the kill test's.)"""
-    run = tmp_path / "run"
-    procs = _launch(
-        run,
-        data_dir,
-        "--config.train.num_steps=1000",
-        "--config.train.checkpoint_every=1000",
-        "--config.train.sample_every=3",
-        "--config.train.sample_num=2",
-        devices=1,
-        port=_free_port(),
-    )
-    try:
-        _wait_until(lambda: max(_losses(run), default=0) >= 4, run, procs, "step 4")
-        procs[1].send_signal(signal.SIGTERM)
-        rcs = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    logs = [_log(run, i) for i in (0, 1)]
-    assert rcs == [0, 0], f"{logs[0][-3000:]}\n{logs[1][-3000:]}"
-    saved = [int(m) for m in re.findall(r"preemption: saved a checkpoint at step (\d+)", "\n".join(logs))]
-    assert len(saved) == 2 and saved[0] == saved[1], saved  # both processes, the same step
-    stop = saved[0]
-    assert 4 <= stop <= REFERENCE_STEPS - 2, stop
-    assert _finished_checkpoints(run) == [1, stop]  # the first save of a run, then the preemption's
-    samples = np.load(run / "samples" / "step_3" / "samples.npz")
-    assert samples["videos"].shape == (2, 8, 32, 32, 3) and len(samples["prompts"]) == 2
-
-    before = _losses(run)  # every step up to the preemption as in one uninterrupted process
-    assert sorted(before) == list(range(1, stop + 1))
-    for step in before:
-        np.testing.assert_allclose(before[step], reference[step], rtol=1e-5, err_msg=f"step {step}")
