@@ -69,6 +69,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.timestep_logit_std = 1.0
     c.diffusion.label_dropout = 0.1  # probability of the null label / text in training (classifier-free guidance)
 
+    # Frame conditioning (model.frame_conditioning): what an example is given in training, drawn per example at
+    # these rates (they sum to 1): nothing (unconditional generation, so CFG keeps working), the first frame
+    # (image-to-video), the first k frames with k uniform in [2, max_prefix] (continuation; 0 = T // 2), or the first
+    # and the last frame (the keyframe stage's anchors, interpolation).
+    c.frames = ml_collections.ConfigDict()
+    c.frames.rate_none = 0.1
+    c.frames.rate_first = 0.3
+    c.frames.rate_prefix = 0.3
+    c.frames.rate_first_last = 0.3
+    c.frames.max_prefix = 0
+
     # Optimisation.
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 32

@@ -29,6 +29,8 @@ def sample(
     *,
     text: np.ndarray | None = None,
     text_mask: np.ndarray | None = None,
+    given_frames: np.ndarray | None = None,
+    frame_mask: np.ndarray | None = None,
     sampler: str | None = None,
     steps: int | None = None,
     eta: float | None = None,
@@ -45,6 +47,11 @@ def sample(
       text, text_mask: text models (`model.text_dim > 0`) need text float [N, L, text_dim] precomputed embeddings and
         take text_mask bool [N, L] (True = a real token; None = all real). The unconditional branch of
         classifier-free guidance is `dit.null_text` (zeros, mask all True), as in training.
+      given_frames, frame_mask: frame-conditioned models (`model.frame_conditioning`): clean frames float
+        [N, T, H, W, C] in the model's space ([-1, 1] pixels) and bool [N, T], True where a frame is given (None =
+        nothing given). The output holds the given frames exactly (for uint8 pixels mapped to [-1, 1]: bit for bit)
+        and the model generates the others: image-to-video (the first frame), continuation (the first k),
+        interpolation (the first and the last).
       sampler, steps, eta, guidance, clip_x0: default to `config.sample`.
       batch_size: videos per jitted sampling call.
 
@@ -56,6 +63,8 @@ def sample(
       ValueError: a sampler that does not exist, or conditions that do not fit the model (named in the message).
     """
     cond = {"label": labels, "text": text, "text_mask": text_mask}
+    if given_frames is not None or frame_mask is not None:
+        cond.update(given_frames=given_frames, frame_mask=frame_mask)
     options = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance, clip_x0=clip_x0)
     task = tasks.get(config)
     return task.sample(params, cond, rng, **options, batch_size=batch_size, progress=progress)

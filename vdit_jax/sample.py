@@ -27,6 +27,13 @@ _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Videos per jitted sampling call.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory, local or gs:// (default WORKDIR/samples).")
+_INIT_VIDEO = flags.DEFINE_string(
+    "init_video",
+    None,
+    "Frame-conditioned models: a samples.npz (`videos` uint8 [N, T, H, W, 3]) or an .mp4/.gif whose first "
+    "--given_frames frames are kept; the model generates the rest, one video per clip (the first --num clips).",
+)
+_GIVEN_FRAMES = flags.DEFINE_integer("given_frames", None, "With --init_video: how many leading frames are given.")
 _DATA_DIR = flags.DEFINE_string(
     "data_dir",
     None,
@@ -56,8 +63,62 @@ def resolve_labels(config, prompt: str | None, label: int | None, num: int) -> t
     return labels, [sources.caption(config, int(y)) for y in labels]
 
 
+def given_frames_from(config, init_video, k: int, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """(given_frames float32 [n, T, H, W, C] in [-1, 1], frame_mask bool [n, T]) keeping the first `k` frames of
+    each of the first `num` clips of `init_video` (n = min(num, clips)); raises cli.UsageError naming what is wrong.
+
+    A clip stored larger by an integer factor (the sampler's mp4/gif upscale small videos) is averaged back down.
+    """
+    from vdit_jax import video_io
+
+    t, h, w, c = config_lib.input_shape(config)
+    if not config.model.frame_conditioning:
+        raise cli.UsageError(
+            "--init_video needs a model trained with frame conditioning (config.model.frame_conditioning=True)"
+        )
+    if not 1 <= k <= t - 1:
+        raise cli.UsageError(f"--given_frames={k} must be in [1, {t - 1}] (the model makes {t} frames)")
+    try:
+        clips = video_io.read_videos(init_video)
+    except (OSError, ValueError) as e:
+        raise cli.UsageError(f"--init_video={init_video}: {e}") from None
+    n, frames, ch, cw = clips.shape[:4]
+    if frames < k:
+        raise cli.UsageError(f"--init_video={init_video} has {frames} frames; --given_frames={k} needs {k}")
+    if (ch, cw) != (h, w):
+        f = ch // h
+        if f < 1 or (ch, cw) != (h * f, w * f):
+            raise cli.UsageError(
+                f"--init_video={init_video} has {ch}x{cw} frames; the model makes {h}x{w} (or an integer multiple)"
+            )
+        clips = clips.reshape(n, frames, h, f, w, f, 3).mean(axis=(3, 5)).round().astype(np.uint8)
+    if c != 3:
+        raise cli.UsageError(f"--init_video is for RGB models; this one has {c} channels")
+    clips = clips[:num]
+    given = np.zeros((len(clips), t, h, w, c), np.float32)
+    given[:, :k] = clips[:, :k].astype(np.float32) / 127.5 - 1.0
+    mask = np.zeros((len(clips), t), bool)
+    mask[:, :k] = True
+    return given, mask
+
+
 def run(
-    workdir, *, step, prompt, label, num, steps, sampler, eta, guidance, seed, batch_size, out_dir, data_dir=None
+    workdir,
+    *,
+    step,
+    prompt,
+    label,
+    num,
+    steps,
+    sampler,
+    eta,
+    guidance,
+    seed,
+    batch_size,
+    out_dir,
+    data_dir=None,
+    init_video=None,
+    given_frames=None,
 ) -> str:
     from vdit_jax import inference, paths, video_io
     from vdit_jax.data import sources
@@ -75,6 +136,12 @@ def run(
     config, params, loaded = inference.load(workdir, step)
     if steps is not None and not 1 <= steps <= config.diffusion.num_timesteps:
         raise cli.UsageError(f"--steps={steps} must be in [1, {config.diffusion.num_timesteps}]")
+    given = frame_mask = None
+    if (init_video is None) != (given_frames is None):
+        raise cli.UsageError("--init_video and --given_frames go together")
+    if init_video is not None:
+        given, frame_mask = given_frames_from(config, init_video, given_frames, num)
+        num = len(given)
     text = text_mask = None
     if config.model.text_dim:  # precomputed text embeddings: texts drawn from the dataset's test split
         if prompt is not None or label is not None:
@@ -96,6 +163,8 @@ def run(
         jax.random.key(seed),
         text=text,
         text_mask=text_mask,
+        given_frames=given,
+        frame_mask=frame_mask,
         sampler=sampler,
         steps=steps,
         eta=eta,
@@ -128,6 +197,8 @@ def main(argv):
         batch_size=_BATCH.value,
         out_dir=_OUT_DIR.value,
         data_dir=_DATA_DIR.value,
+        init_video=_INIT_VIDEO.value,
+        given_frames=_GIVEN_FRAMES.value,
     )
 
 

@@ -37,6 +37,43 @@ def _upscale(video: np.ndarray, min_size: int = 64) -> np.ndarray:
     return np.repeat(np.repeat(video, factor, axis=1), factor, axis=2)
 
 
+def read_videos(path) -> np.ndarray:
+    """uint8 [N, T, H, W, 3] videos from a `samples.npz` as the sampler writes it (key `videos`) or one video file
+    (.mp4 / .gif / anything imageio's FFMPEG plugin reads: N = 1). `path` is any `etils.epath` path.
+
+    Raises:
+      ValueError: the file holds no such videos (the message names what it found), or cannot be decoded.
+      FileNotFoundError: no such file.
+    """
+    path = paths.resolve(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {os.fspath(path)}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        import io
+
+        with np.load(io.BytesIO(path.read_bytes())) as data:
+            if "videos" not in data:
+                raise ValueError(f"{os.fspath(path)} has no 'videos' array (it has {sorted(data.files)})")
+            videos = data["videos"]
+    else:
+        import imageio.v3 as iio
+
+        with tempfile.TemporaryDirectory(prefix="vdit_read_") as tmp:
+            local = os.path.join(tmp, f"video{suffix}")
+            epath.Path(local).write_bytes(path.read_bytes())
+            try:
+                frames = iio.imread(local, index=None, plugin="FFMPEG" if suffix != ".gif" else None)
+            except Exception as e:  # imageio raises many kinds for a file it cannot decode
+                raise ValueError(f"cannot read {os.fspath(path)} as a video: {type(e).__name__}: {e}") from None
+        videos = np.asarray(frames)[None, ..., :3]
+    if videos.ndim != 5 or videos.shape[-1] != 3 or videos.dtype != np.uint8 or 0 in videos.shape:
+        raise ValueError(
+            f"{os.fspath(path)} must hold uint8 RGB videos [N, T, H, W, 3], got {videos.dtype} {videos.shape}"
+        )
+    return videos
+
+
 def save_samples(out_dir, videos: np.ndarray, prompts, fps: int = 8, write_media: bool = True) -> str:
     """Writes `out_dir/samples.npz` and, for RGB videos, `sample_NNN.mp4` / `.gif` per video.
 

@@ -70,6 +70,10 @@ class DiTConfig:
     # previous estimate: `diffusion.self_conditioned` in training, the samplers' `self_condition`), concatenated
     # with x_t along channels before patchifying.
     self_condition: bool = False
+    # Frame conditioning (image-to-video, continuation, first/last frame; as SVD and Wan's first/last-frame models
+    # do): clean given frames [B, T, H, W, C] times a per-frame mask [B, T], and the mask itself, enter as C + 1
+    # extra input channels beside x_t. No mask (None, or all False) is the unconditional case.
+    frame_conditioning: bool = False
     # auto / xla / cudnn / splash (vdit_jax.models.attention); auto: cuDNN on GPU in bf16, splash on TPU, else XLA
     attention_impl: str = "auto"
     # tokens split over the `sequence` mesh axis: K/V all-gathered (`allgather`) or passed around a ring (`ring`)
@@ -209,14 +213,15 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """The spacetime DiT: `__call__(x, t, labels=None, text=None, x_self_cond=None, text_mask=None)` ->
-    [B, T, H, W, C_out] (float32).
+    """The spacetime DiT: `__call__(x, t, labels=None, text=None, x_self_cond=None, text_mask=None,
+    given_frames=None, frame_mask=None)` -> [B, T, H, W, C_out] (float32).
 
     x [B, T, H, W, C], t [B]; labels [B] when num_classes > 0; text [B, L, text_dim] precomputed text-encoder
     embeddings when text_dim > 0, with text_mask bool [B, L] (True = a real token; None = all real): padded tokens
     get no attention, so padding the same text to a longer L changes nothing (`null_text` is the null text of
     classifier-free guidance); x_self_cond [B, T, H, W, C] an estimate of x0 when the config has self_condition
-    (None = zeros, "no estimate"; ignored otherwise).
+    (None = zeros, "no estimate"; ignored otherwise); given_frames [B, T, H, W, C] clean frames and frame_mask bool
+    [B, T] (True = a given frame) when the config has frame_conditioning (None = no frame given; ignored otherwise).
     """
 
     config: DiTConfig
@@ -230,6 +235,8 @@ class DiT(nn.Module):
         text: jax.Array | None = None,
         x_self_cond: jax.Array | None = None,
         text_mask: jax.Array | None = None,
+        given_frames: jax.Array | None = None,
+        frame_mask: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
@@ -244,6 +251,14 @@ class DiT(nn.Module):
             raise ValueError(f"text_mask must be bool [B, L] = {tuple(text.shape[:2])}, got {got}")
         if cfg.self_condition and x_self_cond is not None and x_self_cond.shape != x.shape:
             raise ValueError(f"x_self_cond must have x's shape {tuple(x.shape)}, got {tuple(x_self_cond.shape)}")
+        if cfg.frame_conditioning and (given_frames is None) != (frame_mask is None):
+            raise ValueError("pass given_frames and frame_mask together (or neither: no frame given)")
+        if cfg.frame_conditioning and given_frames is not None:
+            if given_frames.shape != x.shape:
+                raise ValueError(f"given_frames must have x's shape {tuple(x.shape)}, got {tuple(given_frames.shape)}")
+            if frame_mask.shape != x.shape[:2] or frame_mask.dtype != bool:
+                got = f"{frame_mask.dtype} {tuple(frame_mask.shape)}"
+                raise ValueError(f"frame_mask must be bool [B, T] = {tuple(x.shape[:2])}, got {got}")
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
         grid = layers.token_grid(x.shape, cfg.patch_size)
@@ -251,6 +266,10 @@ class DiT(nn.Module):
 
         if cfg.self_condition:
             x = jnp.concatenate([x, jnp.zeros_like(x) if x_self_cond is None else x_self_cond.astype(x.dtype)], -1)
+        if cfg.frame_conditioning:
+            x = jnp.concatenate(
+                [x, layers.frame_channels(given_frames, frame_mask, x.shape[:-1] + (cfg.in_channels,))], -1
+            )
         tokens = layers.patchify(x.astype(dtype), cfg.patch_size)  # [B, N, pt*ph*pw*C]
         tokens = nn.with_logical_constraint(tokens, (sh.BATCH, sh.LENGTH, None))
         h = layers.dense(cfg.hidden_size, (sh.PATCH, sh.EMBED), name="patch_embed", **kw)(tokens)

@@ -406,3 +406,13 @@ class Mlp(nn.Module):
         h = dense(self.mlp_dim, (sh.EMBED, sh.MLP), name="fc1", **kw)(x)
         h = nn.with_logical_constraint(nn.gelu(h, approximate=True), (sh.BATCH, sh.LENGTH, sh.ACT_MLP))
         return dense(self.hidden_size, (sh.MLP, sh.EMBED), name="fc2", **kw)(h)
+
+
+def frame_channels(given_frames: jax.Array | None, frame_mask: jax.Array | None, shape) -> jax.Array:
+    """The frame-conditioning input channels [B, T, H, W, C + 1]: the given frames zeroed where not given, then the
+    mask as 0 / 1 (all zeros when nothing is given)."""
+    if given_frames is None:
+        return jnp.zeros((*shape[:-1], shape[-1] + 1), jnp.float32)
+    m = frame_mask.astype(jnp.float32)[:, :, None, None, None]
+    given = given_frames.astype(jnp.float32) * m
+    return jnp.concatenate([given, jnp.broadcast_to(m, (*shape[:-1], 1))], -1)

@@ -30,12 +30,20 @@ from vdit_jax.parallel import sharding as sh
 @functools.cache
 def _apply_fn(model_cfg: dit.DiTConfig):
     """One function object per model config, so jit caches hit across calls; `cond` is a dict of the conditioning
-    the model takes ("label", "text", "text_mask")."""
+    the model takes ("label", "text", "text_mask", "given_frames", "frame_mask")."""
     model = dit.DiT(model_cfg)
 
     def apply(params, x, t, cond, x0_prev=None):  # x0_prev: the samplers' self-conditioning estimate
         return model.apply(
-            {"params": params}, x, t, cond.get("label"), cond.get("text"), x0_prev, cond.get("text_mask")
+            {"params": params},
+            x,
+            t,
+            cond.get("label"),
+            cond.get("text"),
+            x0_prev,
+            cond.get("text_mask"),
+            cond.get("given_frames"),
+            cond.get("frame_mask"),
         )
 
     return apply
@@ -92,7 +100,24 @@ class DiTTask(tasks.Task):
             out["text"] = text
             if mask is not None:
                 out["text_mask"] = mask
+        if self.net.frame_conditioning:
+            out["frame_mask"] = self.draw_frame_masks(jax.random.fold_in(drop_rng, 3), video.shape[0], video.shape[1])
+            out["given_frames"] = video * out["frame_mask"][:, :, None, None, None].astype(video.dtype)
         return out
+
+    def draw_frame_masks(self, rng: jax.Array, batch: int, frames: int) -> jax.Array:
+        """bool [batch, frames]: per example nothing, the first frame, the first k, or the first and the last, at
+        the rates of `config.frames` (k uniform in [2, max_prefix])."""
+        f = self.config.frames
+        mode_rng, k_rng = jax.random.split(rng)
+        probs = jnp.array([f.rate_none, f.rate_first, f.rate_prefix, f.rate_first_last], jnp.float32)
+        mode = jax.random.choice(mode_rng, 4, (batch,), p=probs)
+        max_prefix = f.max_prefix or max(frames // 2, 2)
+        k = jax.random.randint(k_rng, (batch,), 2, max_prefix + 1)
+        i = jnp.arange(frames)[None, :]
+        mode = mode[:, None]
+        first = i == 0
+        return ((mode == 1) & first) | ((mode == 2) & (i < k[:, None])) | ((mode == 3) & (first | (i == frames - 1)))
 
     def loss(self, params, batch: tasks.Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         y = batch["label"] if self.net.num_classes else None
@@ -135,7 +160,9 @@ class DiTTask(tasks.Task):
         batch_size: int = 32,
         progress: bool = False,
     ) -> np.ndarray:
-        """N videos, one per row of `cond` (see `inference.sample`, which documents every argument)."""
+        """N videos, one per row of `cond` (see `inference.sample`, which documents every argument). With
+        "given_frames" (float [N, T, H, W, C], the model's input space) and "frame_mask" (bool [N, T]) in `cond`, a
+        frame-conditioned model generates the other frames and the output holds the given ones exactly."""
         s = self.config.sample
         sampler = s.sampler if sampler is None else sampler
         steps = s.steps if steps is None else steps
@@ -169,6 +196,21 @@ class DiTTask(tasks.Task):
         if net.text_dim and len(labels) != len(text):
             raise ValueError(f"got {len(labels)} labels but {len(text)} texts: give one of each per video")
         shape = config_lib.input_shape(self.config)
+        given, frame_mask = cond.get("given_frames"), cond.get("frame_mask")
+        if (given is None) != (frame_mask is None):
+            raise ValueError("pass given_frames and frame_mask together (or neither)")
+        if given is not None:
+            if not net.frame_conditioning:
+                raise ValueError("this model has no frame conditioning (model.frame_conditioning=False)")
+            given, frame_mask = np.asarray(given, np.float32), np.asarray(frame_mask)
+            if given.shape != (len(labels), *shape):
+                raise ValueError(
+                    f"given_frames must be float [N, T, H, W, C] = {(len(labels), *shape)}, got {given.shape}"
+                )
+            if frame_mask.shape != given.shape[:2] or frame_mask.dtype != bool:
+                raise ValueError(
+                    f"frame_mask must be bool {given.shape[:2]}, got {frame_mask.dtype} {frame_mask.shape}"
+                )
         apply = Partial(_apply_fn(net), params)
         null = {}
         if net.num_classes:
@@ -186,13 +228,20 @@ class DiTTask(tasks.Task):
                 row_cond["label"] = jnp.asarray(labels[rows])
             if net.text_dim:
                 row_cond["text"], row_cond["text_mask"] = jnp.asarray(text[rows]), jnp.asarray(text_mask[rows])
-            model_fn = diffusion.cfg_model_fn(apply, row_cond, null, guided)
+            row_null = dict(null)
+            if given is not None:  # the given frames are not guided: both branches see them
+                frames = {"given_frames": jnp.asarray(given[rows]), "frame_mask": jnp.asarray(frame_mask[rows])}
+                row_cond.update(frames)
+                row_null.update(frames)
+            model_fn = diffusion.cfg_model_fn(apply, row_cond, row_null, guided)
             key = jax.random.fold_in(rng, start)
             kw = dict(clip_x0=clip_x0 or None, self_condition=net.self_condition)
             if sampler == "ddim":
                 x = diffusion.ddim_sample(model_fn, self.sched, (n, *shape), key, num_steps=steps, eta=eta, **kw)
             else:
                 x = diffusion.ddpm_sample(model_fn, self.sched, (n, *shape), key, variance=s.ddpm_variance, **kw)
+            if given is not None:  # the given frames, exactly
+                x = jnp.where(jnp.asarray(frame_mask[rows])[:, :, None, None, None], jnp.asarray(given[rows]), x)
             out.append(to_uint8(x) if net.in_channels == 3 else np.asarray(x, np.float32))
         return np.concatenate(out)
 
@@ -226,6 +275,17 @@ class DiTTask(tasks.Task):
             f"config.data.text_len={config.data.text_len} and config.model.text_dim={mc.text_dim} must both be > 0 "
             "(text conditioning) or both be 0",
         )
+        f = config.frames
+        names = ("rate_none", "rate_first", "rate_prefix", "rate_first_last")
+        for name in names:
+            check(0 <= f[name] <= 1, f"config.frames.{name}={f[name]} must be in [0, 1]")
+        rates = [f[name] for name in names]
+        check(abs(sum(rates) - 1) < 1e-6, f"config.frames rates {dict(zip(names, rates))} must sum to 1")
+        check(
+            f.max_prefix == 0 or 2 <= f.max_prefix <= t - 1,
+            f"config.frames.max_prefix={f.max_prefix} must be 0 (= T // 2) or in [2, T - 1 = {t - 1}]",
+        )
+        check(not mc.frame_conditioning or t >= 2, f"frame conditioning needs videos of >= 2 frames, got T = {t}")
         grid = (t // mc.patch_size[0], h // mc.patch_size[1], w // mc.patch_size[2])
         if mc.attention == "windowed":
             for win in mc.windows:

@@ -1,0 +1,89 @@
+"""The U-Net frame interpolator: shapes over segment lengths, zero output at init, keyframe channels, temporal mixing,
+and the same output on a data x fsdp x tensor mesh of 8 fake devices as on one."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdit_jax.models import unet
+from vdit_jax.parallel import mesh as mesh_lib
+from vdit_jax.parallel import sharding as sh
+
+CFG = dict(base_channels=16, channel_mults=(1, 2), attention_levels=(1,), num_heads=2, num_groups=4)
+
+
+def randomize(params, seed=0, scale=0.1):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="session")
+def model():
+    cfg = unet.unet_config(**CFG)
+    params = nn.unbox(unet.init_params(cfg, jax.random.key(0), (2, 5, 8, 8, 3)))
+    return cfg, params
+
+
+@pytest.mark.parametrize("temporal,frames", [("attention", 3), ("attention", 9), ("conv", 5)])
+def test_shapes_over_segment_lengths_and_zero_output_at_init(temporal, frames):
+    """Parameters do not depend on the segment length: initialised at 5 frames, the model takes 3 or 9."""
+    cfg = unet.unet_config(**CFG, temporal=temporal)
+    params = nn.unbox(unet.init_params(cfg, jax.random.key(0), (1, 5, 8, 8, 3)))
+    x = jax.random.normal(jax.random.key(1), (2, frames, 8, 8, 3))
+    mask = jnp.zeros((2, frames), bool).at[:, 0].set(True).at[:, -1].set(True)
+    out = jax.jit(unet.UNet(cfg).apply)(params, x, jnp.array([3, 40]), x, mask)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, 0.0)  # zero-initialised output conv and residual branches
+
+
+def test_keyframes_enter_as_channels_and_frames_see_each_other(model):
+    cfg, params = model
+    params = randomize(params)
+    apply = jax.jit(unet.UNet(cfg).apply)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 8, 8, 3))
+    t = jnp.array([10, 500])
+    keys = jax.random.uniform(jax.random.key(3), x.shape, minval=-1, maxval=1)
+    none = apply(params, x, t)
+    np.testing.assert_allclose(apply(params, x, t, keys, jnp.zeros((2, 5), bool)), none, atol=1e-5)
+    ends = jnp.zeros((2, 5), bool).at[:, 0].set(True).at[:, 4].set(True)
+    out = apply(params, x, t, keys, ends)
+    assert not np.allclose(out, none, atol=1e-4)
+    # The last keyframe's content reaches the middle frame (temporal layers), not only its own frame.
+    moved = apply(params, x, t, keys.at[:, 4].add(0.5), ends)
+    assert np.abs(moved[:, 2] - out[:, 2]).max() > 1e-4
+    with pytest.raises(ValueError, match="divisible by 2"):
+        apply(params, x[:, :, :7, :7], t)
+    with pytest.raises(ValueError, match="pass given_frames and frame_mask together"):
+        apply(params, x, t, keys)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="level width 24 must be divisible by num_groups 16"):
+        unet.unet_config(base_channels=24, num_groups=16)
+    with pytest.raises(ValueError, match="temporal 'lstm' is not one of"):
+        unet.unet_config(temporal="lstm")
+    with pytest.raises(ValueError, match=r"attention_levels entry 3 must be in \[0, 3\)"):
+        unet.unet_config(attention_levels=(3,))
+
+
+@pytest.mark.slow
+def test_sharded_over_data_fsdp_tensor_matches_one_device(model):
+    cfg, params = model
+    params = randomize(params)
+    x = jax.random.normal(jax.random.key(4), (4, 5, 8, 8, 3))
+    t = jnp.array([1, 100, 300, 900])
+    ends = jnp.zeros((4, 5), bool).at[:, 0].set(True).at[:, 4].set(True)
+    single = jax.jit(unet.UNet(cfg).apply)(params, x, t, x, ends)
+    mesh = mesh_lib.make_mesh({sh.DATA: 2, sh.FSDP: 2, sh.TENSOR: 2}, jax.devices()[:8])
+    rules = sh.default_rules()
+    boxed = jax.eval_shape(lambda: unet.init_params(cfg, jax.random.key(0), x.shape))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)["params"]
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))  # really split
+    placed = jax.device_put(params["params"], shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        batch = jax.device_put((x, t, ends), sh.batch_sharding(mesh, rules, 1))
+        sharded = jax.jit(lambda p, x, t, m: unet.UNet(cfg).apply({"params": p}, x, t, x, m))(placed, *batch)
+    np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-5)
