@@ -88,12 +88,27 @@ def test_sampling_keeps_the_given_frames_bit_for_bit(random_model, sampler):
         inference.sample(config, params, np.array([0]), jax.random.key(4), given_frames=given, frame_mask=mask)
 
 
-def test_a_frame_conditioned_model_trains_through_the_one_step():
-    from tests.train_step_test import run_steps
+def test_the_loss_scores_only_the_generated_frames(random_model):
+    """What the train step differentiates: moving a frame's clean target while keeping x_t (and so the network's
+    output) fixed changes the loss for a generated frame, not for a given one."""
+    config, params = random_model
+    task = tasks.get(config)
+    prepared = task.prepare_batch(helpers.random_batches(config, 1)[0], jax.random.key(5))
+    mask = jnp.zeros((8, 4), bool).at[:, 0].set(True)  # frame 0 given, frames 1-3 generated
+    prepared.update(frame_mask=mask, given_frames=prepared["video"] * mask[:, :, None, None, None])
+    a = task.sched.sqrt_alphas_cumprod[prepared["t"]][:, None, None, None]
+    s = task.sched.sqrt_one_minus_alphas_cumprod[prepared["t"]][:, None, None, None]
 
-    config = frame_config()
-    _, metrics = run_steps(config, jax.devices()[:1], helpers.random_batches(config, 2))
-    assert all(np.isfinite(m["loss"]) for m in metrics)
+    def moved(frame):  # x0 += 0.5 on one frame, eps -= a 0.5 / s there: x_t = a x0 + s eps is unchanged
+        video = prepared["video"].at[:, frame].add(0.5)
+        noise = prepared["noise"].at[:, frame].add(-a * 0.5 / s)
+        return dict(prepared, video=video, noise=noise)
+
+    loss = jax.jit(lambda batch: task.loss(params, batch, jax.random.key(6))[0])
+    base = float(loss(prepared))
+    assert np.isfinite(base)
+    np.testing.assert_allclose(float(loss(moved(0))), base, rtol=1e-5)
+    assert abs(float(loss(moved(2))) - base) > 1e-3 * base
 
 
 def test_init_video_from_npz_and_upscaled_gif_and_its_errors(tmp_path):

@@ -189,7 +189,6 @@ def test_scan_and_remat_match_unrolled(attention):
     out_scan = apply(scanned, p_scan, x, t, labels)
     out_plain = apply(plain, p_plain, x, t, labels)
     np.testing.assert_allclose(out_scan, out_plain, atol=1e-5)
-    # Remat leaves the gradients unchanged: tests/models_text_test.py::test_scan_and_offload_remat_match_unrolled.
 
 
 def test_jitted_apply_traces_once():

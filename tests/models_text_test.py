@@ -87,7 +87,8 @@ def test_text_is_required_and_checked():
 @pytest.mark.slow
 def test_scan_and_offload_remat_match_unrolled():
     """Scanned + offload-remat blocks compute what unrolled blocks do (the text mask broadcast to every scanned
-    block); remat leaves the gradients unchanged."""
+    block), and the offload policy reaches the backward pass. (Rematerialisation itself is JAX's: it recomputes the
+    same values, so the gradients are not compared again here.)"""
     kw = dict(depth=3, pos_emb="rope")
     plain, scanned = tiny(**kw), tiny(scan_layers=True, remat="offload", **kw)
     x, t, text = inputs()
@@ -98,9 +99,6 @@ def test_scan_and_offload_remat_match_unrolled():
     np.testing.assert_allclose(out, apply(plain, p_plain, x, t, text, mask), atol=1e-5)
     assert float(jnp.abs(out - apply(scanned, p_scan, x, t, text)).max()) > 1e-4  # the mask reached the blocks
     loss = lambda c: lambda p: jnp.mean(apply(c, p, x, t, text, mask) ** 2)
-    g_plain = jax.jit(jax.grad(loss(plain)))(p_plain)
-    g_remat = jax.jit(jax.grad(loss(tiny(remat="offload", **kw))))(p_plain)
-    chex.assert_trees_all_close(g_plain, g_remat, atol=1e-6)
     # The policy reached the backward pass: the saved matmul outputs are moved to host memory (`f32<host>[...]` in
     # the jaxpr; a CPU keeps them in place when it runs), under `offload` only.
     host_residuals = lambda c: str(jax.make_jaxpr(jax.grad(loss(c)))(p_plain)).count("<host>[")

@@ -123,15 +123,21 @@ class DiTTask(tasks.Task):
         y = batch["label"] if self.net.num_classes else None
         text = batch["text"] if self.net.text_dim else None
         text_mask = batch.get("text_mask") if self.net.text_dim else None
+        given, frame_mask, loss_mask = batch.get("given_frames"), batch.get("frame_mask"), None
+        if self.net.frame_conditioning and frame_mask is not None:  # the loss scores the generated frames only
+            loss_mask = (~frame_mask).astype(jnp.float32)[:, :, None, None, None]
+
+        def apply(x_t, t, x0):
+            return self.model.apply({"params": params}, x_t, t, y, text, x0, text_mask, given, frame_mask)
+
         if self.net.self_condition:
             # One self-conditioning draw per step (the same for every micro-batch of an accumulated step).
             self_cond_rng = jax.random.fold_in(jax.random.split(rng, 3)[2], 2)
-            net = lambda x_t, t, x0: self.model.apply({"params": params}, x_t, t, y, text, x0, text_mask)
-            model_fn = diffusion.self_conditioned(net, self.sched, self_cond_rng)
+            model_fn = diffusion.self_conditioned(apply, self.sched, self_cond_rng)
         else:
-            model_fn = lambda x_t, t: self.model.apply({"params": params}, x_t, t, y, text, None, text_mask)
+            model_fn = lambda x_t, t: apply(x_t, t, None)
         per_example, aux = self.diffusion.loss_fn(
-            model_fn, self.sched, batch["video"], t=batch["t"], noise=batch["noise"]
+            model_fn, self.sched, batch["video"], t=batch["t"], noise=batch["noise"], mask=loss_mask
         )
         return jnp.mean(per_example), {"mse": jnp.mean(aux["mse"])}
 
