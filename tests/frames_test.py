@@ -64,6 +64,8 @@ def test_training_draws_each_kind_of_conditioning_at_its_rate():
         assert abs(kind.mean() - rate) < 0.03, (kind.mean(), rate)
     lengths = masks[prefix].sum(1)
     assert set(lengths.tolist()) == {2, 3}  # k uniform in [2, max_prefix]
+    short = np.asarray(tasks.get(frame_config()).draw_frame_masks(jax.random.key(2), 500, 3))  # max_prefix 0
+    assert (~short).any(1).all() and short[:, :2].all(1).any()  # a frame to generate always; prefixes of 2 drawn
     batch = helpers.random_batches(config, 1)[0]
     prepared = task.prepare_batch(batch, jax.random.key(1))
     m = np.asarray(prepared["frame_mask"])[:, :, None, None, None]

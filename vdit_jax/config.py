@@ -71,8 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Frame conditioning (model.frame_conditioning): what an example is given in training, drawn per example at
     # these rates (they sum to 1): nothing (unconditional generation, so CFG keeps working), the first frame
-    # (image-to-video), the first k frames with k uniform in [2, max_prefix] (continuation; 0 = T // 2), or the first
-    # and the last frame (the keyframe stage's anchors, interpolation).
+    # (image-to-video), the first k frames with k uniform in [2, max_prefix] (continuation; 0 = max(T // 2, 2);
+    # at most T - 1), or the first and the last frame (the keyframe stage's anchors, interpolation).
     c.frames = ml_collections.ConfigDict()
     c.frames.rate_none = 0.1
     c.frames.rate_first = 0.3

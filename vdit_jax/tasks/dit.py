@@ -107,13 +107,13 @@ class DiTTask(tasks.Task):
 
     def draw_frame_masks(self, rng: jax.Array, batch: int, frames: int) -> jax.Array:
         """bool [batch, frames]: per example nothing, the first frame, the first k, or the first and the last, at
-        the rates of `config.frames` (k uniform in [2, max_prefix])."""
+        the rates of `config.frames` (k uniform in [2, max_prefix], max_prefix 0 = max(T // 2, 2), at most T - 1)."""
         f = self.config.frames
         mode_rng, k_rng = jax.random.split(rng)
         probs = jnp.array([f.rate_none, f.rate_first, f.rate_prefix, f.rate_first_last], jnp.float32)
         mode = jax.random.choice(mode_rng, 4, (batch,), p=probs)
-        max_prefix = f.max_prefix or max(frames // 2, 2)
-        k = jax.random.randint(k_rng, (batch,), 2, max_prefix + 1)
+        max_prefix = min(f.max_prefix or max(frames // 2, 2), frames - 1)  # a frame is always left to generate
+        k = jax.random.randint(k_rng, (batch,), min(2, max_prefix), max_prefix + 1)
         i = jnp.arange(frames)[None, :]
         mode = mode[:, None]
         first = i == 0
@@ -289,9 +289,13 @@ class DiTTask(tasks.Task):
         check(abs(sum(rates) - 1) < 1e-6, f"config.frames rates {dict(zip(names, rates))} must sum to 1")
         check(
             f.max_prefix == 0 or 2 <= f.max_prefix <= t - 1,
-            f"config.frames.max_prefix={f.max_prefix} must be 0 (= T // 2) or in [2, T - 1 = {t - 1}]",
+            f"config.frames.max_prefix={f.max_prefix} must be 0 (= max(T // 2, 2)) or in [2, T - 1 = {t - 1}]",
         )
-        check(not mc.frame_conditioning or t >= 2, f"frame conditioning needs videos of >= 2 frames, got T = {t}")
+        check(
+            not mc.frame_conditioning or t >= 3,
+            f"frame conditioning needs clips of >= 3 frames (the first and the last given leave one to generate), "
+            f"got T = {t}",
+        )
         grid = (t // mc.patch_size[0], h // mc.patch_size[1], w // mc.patch_size[2])
         if mc.attention == "windowed":
             for win in mc.windows:
