@@ -1,7 +1,7 @@
 """What can be trained: one `Task` per network kind, looked up by `config.model.kind`.
 
-The trainer (`vdit_jax.train`), the sampler, the benchmark and the dry run never ask which network they run: they
-ask the task of the config for
+The trainer (`vdit_jax.train`), the sampler (`inference.sample`) and the dry run never ask which network they run
+(the benchmark's analytic FLOPs and its sampling mode are still the DiT's); they ask the task of the config for
 
   - `batch_shapes(batch_size)`: the batch fields it needs (names of DESIGN.md §4) with shapes and dtypes;
   - `init(rng, batch)`: the network's (logically annotated) parameters for a batch spec;
