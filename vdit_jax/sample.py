@@ -76,6 +76,8 @@ def given_frames_from(config, init_video, k: int, num: int) -> tuple[np.ndarray,
         raise cli.UsageError(
             "--init_video needs a model trained with frame conditioning (config.model.frame_conditioning=True)"
         )
+    if c != 3:
+        raise cli.UsageError(f"--init_video is for RGB models; this one has {c} channels")
     if not 1 <= k <= t - 1:
         raise cli.UsageError(f"--given_frames={k} must be in [1, {t - 1}] (the model makes {t} frames)")
     try:
@@ -92,8 +94,6 @@ def given_frames_from(config, init_video, k: int, num: int) -> tuple[np.ndarray,
                 f"--init_video={init_video} has {ch}x{cw} frames; the model makes {h}x{w} (or an integer multiple)"
             )
         clips = clips.reshape(n, frames, h, f, w, f, 3).mean(axis=(3, 5)).round().astype(np.uint8)
-    if c != 3:
-        raise cli.UsageError(f"--init_video is for RGB models; this one has {c} channels")
     clips = clips[:num]
     given = np.zeros((len(clips), t, h, w, c), np.float32)
     given[:, :k] = clips[:, :k].astype(np.float32) / 127.5 - 1.0
