@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -56,6 +57,10 @@ class _LinearDenoiserTask(tasks.Task):
     per channel, no logical axes), trained with the diffusion loss."""
 
     kind = "test_linear_denoiser"
+
+    @classmethod
+    def default_model(cls):
+        return ml_collections.ConfigDict()
 
     def batch_shapes(self, batch_size):
         return {"video": jax.ShapeDtypeStruct((batch_size, *config_lib.input_shape(self.config)), jnp.float32)}

@@ -30,14 +30,22 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and what is allowed."""
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(kind: str = "dit") -> ml_collections.ConfigDict:
+    """Every key with its default; `config.model` holds the network of `kind` (a task of `vdit_jax.tasks`:
+    "dit", "unet_interpolator"). Raises ConfigError for a kind that is not registered."""
+    from vdit_jax import tasks  # late: the tasks import this module
+
+    try:
+        task = tasks.task_class(kind)
+    except ValueError as e:
+        raise ConfigError(f"config.model.kind: {e}") from None
     c = ml_collections.ConfigDict()
     c.seed = 0
 
     # Data: a TFDS array_record dataset with a uint8 video feature [T, H, W, C].
     c.data = ml_collections.ConfigDict()
     c.data.name = "moving_shapes"  # a TFDS builder name; moving_shapes is built on first use
-    c.data.builder_config = "16x32"  # moving_shapes: 16x32 / 16x64 / 8x32 / 8x16
+    c.data.builder_config = "16x32"  # moving_shapes: 16x32 / 16x64 / 8x32 / 8x16 / 16x16
     c.data.data_dir = ""  # a LOCAL dir; '' = $VDIT_DATA_DIR or ~/.cache/vdit_jax/data (--data_dir wins)
     c.data.split = "train"
     c.data.feature_key = "video"
@@ -48,12 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_frames = 0  # temporal crop length; 0 = all frames
     c.data.frame_stride = 1
 
-    # Network (every field of vdit_jax.models.DiTConfig).
-    c.model = ml_collections.ConfigDict(dataclasses.asdict(dit.dit_config("tiny")))
-    c.model.kind = "dit"  # what is trained: a task of vdit_jax.tasks (the trainer, sampler and bench look it up)
-    c.model.patch_size = (1, 4, 4)
-    c.model.windows = ((4, 8, 8), (2, 4, 4))
-    c.model.out_channels = ml_collections.config_dict.placeholder(int)  # None (= in_channels), typed for overrides
+    # Network: `kind` (what is trained: the trainer, sampler and bench look its task up) and the fields of the
+    # task's network (DiT: every field of vdit_jax.models.DiTConfig; unet_interpolator: of UNetConfig).
+    c.model = task.default_model()
+    c.model.kind = kind
 
     # Diffusion.
     c.diffusion = ml_collections.ConfigDict()
@@ -116,8 +122,17 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def default_dit_model() -> ml_collections.ConfigDict:
+    """`config.model` of kind "dit": every field of `DiTConfig` (the tiny size, 4x4 patches)."""
+    m = ml_collections.ConfigDict(dataclasses.asdict(dit.dit_config("tiny")))
+    m.patch_size = (1, 4, 4)
+    m.windows = ((4, 8, 8), (2, 4, 4))
+    m.out_channels = ml_collections.config_dict.placeholder(int)  # None (= in_channels), typed for overrides
+    return m
+
+
 def model_config(config: ml_collections.ConfigDict) -> dit.DiTConfig:
-    """The frozen DiTConfig of a config (tuples restored from lists)."""
+    """The frozen DiTConfig of a config of kind "dit" (tuples restored from lists)."""
     m = config.model.to_dict()
     m.pop("kind")
     m["patch_size"] = tuple(m["patch_size"])
@@ -188,6 +203,8 @@ _LEAF_TYPES = {
         lambda v: _is_seq(v, lambda w: _is_seq(w, _is_int) and len(w) == 3),
     ),
     "model.out_channels": ("None or an int", lambda v: v is None or _is_int(v)),
+    "model.channel_mults": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
+    "model.attention_levels": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
     "logical_axis_rules": ("a tuple of (logical_name, mesh_axes) pairs", lambda v: _is_seq(v, _is_rule)),
 }
 _BASE_TYPES = {
@@ -231,11 +248,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     """
     from vdit_jax import tasks  # late: the tasks import this module
 
-    _check_keys_and_types(config, base_config())
+    kind = config.get("model", {}).get("kind", "dit")
+    check(isinstance(kind, str), f"config.model.kind={kind!r} must be a str")
     try:
-        task = tasks.task_class(config.model.kind)
+        task = tasks.task_class(kind)
     except ValueError as e:
         raise ConfigError(f"config.model.kind: {e}") from None
+    _check_keys_and_types(config, base_config(kind))
     _one_of(config, "diffusion.schedule", SCHEDULES)
     _one_of(config, "diffusion.prediction", PREDICTIONS)
     _one_of(config, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS)

@@ -110,7 +110,7 @@ def load(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict, d
 
 def config_from_json(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A config read back from JSON, on top of the base config so tuples and new keys are right."""
-    base = config_lib.base_config()
+    base = config_lib.base_config(config.model.get("kind", "dit"))
     base.update_from_flattened_dict(
         {k: tuple(v) if isinstance(v, list) else v for k, v in _flatten(config.to_dict()).items()}
     )

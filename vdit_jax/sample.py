@@ -34,6 +34,16 @@ _INIT_VIDEO = flags.DEFINE_string(
     "--given_frames frames are kept; the model generates the rest, one video per clip (the first --num clips).",
 )
 _GIVEN_FRAMES = flags.DEFINE_integer("given_frames", None, "With --init_video: how many leading frames are given.")
+_PIPELINE = flags.DEFINE_string(
+    "pipeline",
+    None,
+    "'keyframes+interpolate': --workdir is a keyframe DiT (trained at a frame stride s >= 2) and --interpolator a "
+    "U-Net interpolator run; the interpolator fills the s - 1 frames between keyframes (vdit_jax.pipeline).",
+)
+_INTERPOLATOR = flags.DEFINE_string("interpolator", None, "With --pipeline: the interpolator's training run.")
+_INTERPOLATION_STEPS = flags.DEFINE_integer(
+    "interpolation_steps", None, "With --pipeline: the interpolator's DDIM steps (default: its config)."
+)
 _DATA_DIR = flags.DEFINE_string(
     "data_dir",
     None,
@@ -119,8 +129,11 @@ def run(
     data_dir=None,
     init_video=None,
     given_frames=None,
+    pipeline=None,
+    interpolator=None,
+    interpolation_steps=None,
 ) -> str:
-    from vdit_jax import inference, paths, video_io
+    from vdit_jax import inference, tasks
     from vdit_jax.data import sources
 
     if num < 1:
@@ -133,12 +146,56 @@ def run(
         raise cli.UsageError(f"--guidance={guidance} must be >= 0")
     if batch_size < 1:
         raise cli.UsageError(f"--batch_size={batch_size} must be >= 1")
+    if (pipeline is None) != (interpolator is None):
+        raise cli.UsageError("--pipeline and --interpolator go together")
+    if pipeline is not None:
+        return _run_pipeline(
+            workdir,
+            interpolator,
+            pipeline,
+            step=step,
+            prompt=prompt,
+            label=label,
+            num=num,
+            steps=steps,
+            sampler=sampler,
+            guidance=guidance,
+            interpolation_steps=interpolation_steps,
+            seed=seed,
+            batch_size=batch_size,
+            out_dir=out_dir,
+            init_video=init_video,
+        )
+    if interpolation_steps is not None:
+        raise cli.UsageError("--interpolation_steps is for --pipeline")
     config, params, loaded = inference.load(workdir, step)
     if steps is not None and not 1 <= steps <= config.diffusion.num_timesteps:
         raise cli.UsageError(f"--steps={steps} must be in [1, {config.diffusion.num_timesteps}]")
     given = frame_mask = None
     if (init_video is None) != (given_frames is None):
         raise cli.UsageError("--init_video and --given_frames go together")
+    task = tasks.get(config)
+    if not task.takes_prompts:  # e.g. the interpolator: keyframe pairs of test clips
+        if prompt is not None or label is not None or init_video is not None:
+            raise cli.UsageError(
+                f"this run's model (kind {config.model.kind!r}) takes no prompt, label or init video: it samples "
+                "its dataset's test split (--num, --seed, --data_dir); for videos from a prompt use --pipeline"
+            )
+        cond = task.sample_conditions(data_dir or config.data.data_dir or sources.default_data_dir(), num, seed)
+        prompts = cond.pop("captions")
+        logging.info("sampling %d from step %d of %s", num, loaded, workdir)
+        videos = task.sample(
+            params,
+            cond,
+            jax.random.key(seed),
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            guidance=guidance,
+            batch_size=batch_size,
+            progress=True,
+        )
+        return _save(workdir, out_dir, videos, prompts, config.sample.fps)
     if init_video is not None:
         given, frame_mask = given_frames_from(config, init_video, given_frames, num)
         num = len(given)
@@ -172,10 +229,75 @@ def run(
         batch_size=batch_size,
         progress=True,
     )
+    return _save(workdir, out_dir, videos, prompts, config.sample.fps)
+
+
+def _save(workdir, out_dir, videos, prompts, fps: int) -> str:
+    from vdit_jax import paths, video_io
+
     out_dir = paths.resolve(out_dir) if out_dir else paths.resolve(workdir) / "samples"
-    path = video_io.save_samples(out_dir, videos, prompts, fps=config.sample.fps)
+    path = video_io.save_samples(out_dir, videos, prompts, fps=fps)
     print(f"wrote {len(videos)} videos and {path}")
     return path
+
+
+def _run_pipeline(
+    workdir,
+    interpolator,
+    name,
+    *,
+    step,
+    prompt,
+    label,
+    num,
+    steps,
+    sampler,
+    guidance,
+    interpolation_steps,
+    seed,
+    batch_size,
+    out_dir,
+    init_video,
+) -> str:
+    from vdit_jax import pipeline
+
+    if name != pipeline.NAME:
+        raise cli.UsageError(f"--pipeline={name!r} is not allowed; use {pipeline.NAME!r}")
+    if init_video is not None:
+        raise cli.UsageError("--init_video is not for --pipeline (the keyframe model generates every keyframe)")
+    try:
+        pipe = pipeline.load(workdir, interpolator, step)
+    except ValueError as e:
+        raise cli.UsageError(f"--pipeline: {e}") from None
+    kc, ic = pipe.keyframe_config, pipe.interpolator_config
+    if steps is not None and not 1 <= steps <= kc.diffusion.num_timesteps:
+        raise cli.UsageError(f"--steps={steps} must be in [1, {kc.diffusion.num_timesteps}]")
+    if interpolation_steps is not None and not 1 <= interpolation_steps <= ic.diffusion.num_timesteps:
+        raise cli.UsageError(
+            f"--interpolation_steps={interpolation_steps} must be in [1, {ic.diffusion.num_timesteps}]"
+        )
+    if kc.model.text_dim:
+        raise cli.UsageError("--pipeline takes class-conditional keyframe models (--prompt / --label) for now")
+    labels, prompts = resolve_labels(kc, prompt, label, num)
+    logging.info(
+        "sampling %d videos of %d frames: keyframes of %s, frames between from %s",
+        num,
+        pipe.num_frames,
+        workdir,
+        interpolator,
+    )
+    out = pipe.generate(
+        labels,
+        jax.random.key(seed),
+        sampler=sampler,
+        steps=steps,
+        guidance=guidance,
+        interpolation_steps=interpolation_steps,
+        batch_size=batch_size,
+        progress=True,
+    )
+    print(f"keyframes {out.keyframe_seconds:.1f} s, interpolation {out.interpolation_seconds:.1f} s")
+    return _save(workdir, out_dir, out.videos, prompts, kc.sample.fps)
 
 
 def main(argv):
@@ -199,6 +321,9 @@ def main(argv):
         data_dir=_DATA_DIR.value,
         init_video=_INIT_VIDEO.value,
         given_frames=_GIVEN_FRAMES.value,
+        pipeline=_PIPELINE.value,
+        interpolator=_INTERPOLATOR.value,
+        interpolation_steps=_INTERPOLATION_STEPS.value,
     )
 
 

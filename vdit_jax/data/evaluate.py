@@ -113,14 +113,11 @@ def _check_videos(videos) -> np.ndarray:
 def _analyse_chunk(videos: np.ndarray) -> dict[str, np.ndarray]:
     n, t, h, w, _ = videos.shape
     v = videos.astype(np.int16)  # [n, T, H, W, 3]
-    fg = v.max(-1) > FOREGROUND_THRESHOLD  # [n, T, H, W]
-    area = fg.sum((2, 3)).astype(np.float64)  # [n, T]
+    fg, area, cx, cy = _track(v)
     present = area > 0
     safe_area = np.maximum(area, 1)
 
-    # Centroid track and its least-squares velocity over the frames with an object.
-    cx = (fg.sum(2) * (np.arange(w) + 0.5)).sum(-1) / safe_area  # [n, T]
-    cy = (fg.sum(3) * (np.arange(h) + 0.5)).sum(-1) / safe_area
+    # Least-squares velocity of the centroid track over the frames with an object.
     frames = np.arange(t, dtype=np.float64)
     weight = present.astype(np.float64)
     count = weight.sum(1)  # [n]
@@ -176,6 +173,104 @@ def _analyse_chunk(videos: np.ndarray) -> dict[str, np.ndarray]:
         "area_cv": area_cv,
         "stability": stability,
         "consistent": consistent,
+    }
+
+
+def _track(v: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(foreground bool [n, T, H, W], area float [n, T], centroid x and y float [n, T] in px) of int [n, T, H, W, 3]."""
+    _, _, h, w, _ = v.shape
+    fg = v.max(-1) > FOREGROUND_THRESHOLD
+    area = fg.sum((2, 3)).astype(np.float64)
+    safe_area = np.maximum(area, 1)
+    cx = (fg.sum(2) * (np.arange(w) + 0.5)).sum(-1) / safe_area
+    cy = (fg.sum(3) * (np.arange(h) + 0.5)).sum(-1) / safe_area
+    return fg, area, cx, cy
+
+
+# ---------------------------------------------------------------- frame interpolation and seams
+
+PSNR_CAP_DB = 100.0  # the PSNR of identical frames (MSE 0) is reported as this
+
+
+def frame_quality(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """PSNR and SSIM of generated frames against the ground truth, uint8 [N, G, H, W, C] each (G frames per clip).
+
+    PSNR (dB) per clip from the MSE over the clip's G frames on uint8 pixels (peak 255; capped at PSNR_CAP_DB), then
+    averaged over clips; SSIM (Wang et al. 2004; `dm_pix.ssim`, 11x11 Gaussian window, sigma 1.5, on [0, 1] pixels)
+    per frame, averaged over a clip's frames, then over clips. Raises ValueError for inputs of other shapes.
+    """
+    import dm_pix
+
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape or pred.ndim != 5 or pred.dtype != np.uint8 or truth.dtype != np.uint8:
+        raise ValueError(
+            f"pred and truth must be uint8 [N, G, H, W, C] of one shape; got {pred.dtype} "
+            f"{pred.shape} and {truth.dtype} {truth.shape}"
+        )
+    n, g, h, w, c = pred.shape
+    mse = ((pred.astype(np.float64) - truth.astype(np.float64)) ** 2).mean((1, 2, 3, 4))  # [N]
+    with np.errstate(divide="ignore"):
+        psnr = np.minimum(10 * np.log10(255.0**2 / mse), PSNR_CAP_DB)
+    a = pred.reshape(n * g, h, w, c).astype(np.float32) / 255.0
+    b = truth.reshape(n * g, h, w, c).astype(np.float32) / 255.0
+    ssim = np.asarray(dm_pix.ssim(a, b, filter_size=min(11, h, w))).reshape(n, g).mean(1)
+    return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean()), "num_clips": int(n)}
+
+
+def blend_frames(first: np.ndarray, last: np.ndarray, gap: int) -> np.ndarray:
+    """The linear-blending baseline: frame i of the gap (1..gap) is (1 - i / (gap + 1)) first + i / (gap + 1) last,
+    rounded; first, last uint8 [N, H, W, C] -> uint8 [N, gap, H, W, C]."""
+    w = (np.arange(1, gap + 1) / (gap + 1))[None, :, None, None, None]
+    mix = (1 - w) * first[:, None].astype(np.float64) + w * last[:, None].astype(np.float64)
+    return np.clip(np.round(mix), 0, 255).astype(np.uint8)
+
+
+def nearest_frames(first: np.ndarray, last: np.ndarray, gap: int) -> np.ndarray:
+    """The repeat-the-nearest-keyframe baseline (ties to the first): uint8 [N, gap, H, W, C]."""
+    later = (np.arange(1, gap + 1) > (gap + 1) / 2)[None, :, None, None, None]
+    return np.where(later, last[:, None], first[:, None]).astype(np.uint8)
+
+
+SEAM_TOLERANCE_PX = 1.0
+
+
+def seams(videos: np.ndarray, steps) -> dict[str, float]:
+    """Continuity of the object across chosen frame steps (e.g. the keyframe boundaries of a pipeline, or the
+    last given -> first generated frame of a continuation), uint8 videos [N, T, H, W, 3].
+
+    `steps` are frame indices t: the step from frame t to t + 1 is a boundary step. Per video, the centroid step
+    length |c(t+1) - c(t)| (px) of each boundary step is compared with the median step length over the other steps;
+    a video has a seam when one of them differs by more than SEAM_TOLERANCE_PX or the object's (nearest palette)
+    colour changes across one.
+
+    Returns: {"seam_free": fraction of videos without a seam, "step_deviation_px": mean over videos of the largest
+    |boundary step - median inner step|, "colour_kept": fraction of videos whose colour is the same on both sides of
+    every boundary step, "num_samples"}. Videos with a frame without an object count as seams (deviation inf is not
+    averaged: such videos are left out of step_deviation_px).
+    """
+    videos = _check_videos(videos)
+    t = videos.shape[1]
+    steps = sorted({int(s) for s in steps})
+    if not steps or steps[0] < 0 or steps[-1] > t - 2:
+        raise ValueError(f"steps {steps} must be non-empty frame indices in [0, {t - 2}] (step t: frame t -> t + 1)")
+    inner = [s for s in range(t - 1) if s not in steps]
+    if not inner:
+        raise ValueError(f"steps {steps} leave no inner step of the {t} frames to compare with")
+    v = videos.astype(np.int16)
+    _, area, cx, cy = _track(v)
+    present = (area > 0).all(1)
+    step_len = np.hypot(np.diff(cx, axis=1), np.diff(cy, axis=1))  # [N, T - 1]
+    deviation = np.abs(step_len[:, steps] - np.median(step_len[:, inner], 1, keepdims=True)).max(1)
+    fg = v.max(-1) > FOREGROUND_THRESHOLD
+    mean = (v * fg[..., None]).sum((2, 3)) / np.maximum(area, 1)[..., None]
+    colour = _nearest(mean)  # [N, T]
+    kept = np.all([colour[:, s] == colour[:, s + 1] for s in steps], 0) & present
+    ok = present & (deviation <= SEAM_TOLERANCE_PX) & kept
+    return {
+        "seam_free": float(ok.mean()),
+        "step_deviation_px": float(deviation[present].mean()) if present.any() else float("nan"),
+        "colour_kept": float(kept.mean()),
+        "num_samples": len(videos),
     }
 
 

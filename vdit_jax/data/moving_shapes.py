@@ -236,6 +236,9 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
         MovingShapesConfig(name="16x64", num_frames=16, size=64, description="16 frames of 64x64."),
         MovingShapesConfig(name="8x32", num_frames=8, size=32, description="8 frames of 32x32 (cheap CPU tests)."),
         MovingShapesConfig(name="8x16", num_frames=8, size=16, description="8 frames of 16x16 (the CPU demo)."),
+        MovingShapesConfig(
+            name="16x16", num_frames=16, size=16, description="16 frames of 16x16 (the CPU multi-stage demo)."
+        ),
     ]
     DEFAULT_CONFIG_NAME = "16x32"
     # TFDS 4.9.10 derives this via `importlib_resources`, which is only installed on Python < 3.9; give it directly.

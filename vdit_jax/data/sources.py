@@ -146,19 +146,13 @@ def sample_conditions(config: ml_collections.ConfigDict, data_dir, num: int, see
     zeros)}. Other models: {"labels": `sample_labels`, "captions": their `caption`s}. On several processes the
     dataset must already be prepared (training prepares it): this may run on one process only.
     """
-    import jax
-
     if num < 1:
         raise ValueError(f"num={num} must be >= 1")
     mc = config.model
     if not mc.text_dim:
         labels = sample_labels(num, mc.num_classes)
         return {"labels": labels, "captions": [caption(config, int(y)) for y in labels]}
-    data_dir = check_local(data_dir)
-    source = _open(config, data_dir, _sample_split(config, data_dir), prepare=jax.process_count() == 1)
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(source)) for _ in range(-(-num // len(source)))])[:num]
-    records = [source[int(i)] for i in order]
+    records, order = _draw_records(config, data_dir, num, seed)
     shapes = text_shapes(config)
     out = {}
     for key, shape in shapes.items():
@@ -179,6 +173,29 @@ def sample_conditions(config: ml_collections.ConfigDict, data_dir, num: int, see
         out["labels"] = np.zeros((num,), np.int32)
     out["captions"] = [_text(r.get("caption", f"{config.data.name} record {i}")) for r, i in zip(records, order)]
     return out
+
+
+def _draw_records(config, data_dir, num: int, seed: int) -> tuple[list[dict], np.ndarray]:
+    """`num` records of the sampling split, drawn by `seed` without repeats until the split is used up."""
+    import jax
+
+    data_dir = check_local(data_dir)
+    source = _open(config, data_dir, _sample_split(config, data_dir), prepare=jax.process_count() == 1)
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(source)) for _ in range(-(-num // len(source)))])[:num]
+    return [source[int(i)] for i in order], order
+
+
+def test_clips(config: ml_collections.ConfigDict, data_dir, num: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """(videos [num, T, H, W, C] as stored (uint8 pixels for moving_shapes; every frame, not cropped), captions) of
+    `num` records of the test split (`config.data.split` for a dataset without one), drawn as `sample_conditions`
+    draws them."""
+    if num < 1:
+        raise ValueError(f"num={num} must be >= 1")
+    records, order = _draw_records(config, data_dir, num, seed)
+    key = config.data.feature_key
+    videos = np.stack([np.asarray(r[key]) for r in records])
+    return videos, [_text(r.get("caption", f"{config.data.name} record {i}")) for r, i in zip(records, order)]
 
 
 def _sample_split(config, data_dir: str) -> str:

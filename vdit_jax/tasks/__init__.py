@@ -3,6 +3,7 @@
 The trainer (`vdit_jax.train`), the sampler (`inference.sample`) and the dry run never ask which network they run
 (the benchmark's analytic FLOPs and its sampling mode are still the DiT's); they ask the task of the config for
 
+  - `default_model()`: the fields of `config.model` for its network (`config.base_config(kind)` declares them);
   - `batch_shapes(batch_size)`: the batch fields it needs (names of DESIGN.md §4) with shapes and dtypes;
   - `init(rng, batch)`: the network's (logically annotated) parameters for a batch spec;
   - `prepare_batch(batch, rng)`: the per-example random draws of a step (diffusion timesteps, noise, condition
@@ -33,9 +34,17 @@ class Task(abc.ABC):
     `@register`."""
 
     kind: ClassVar[str]
+    # Whether `sample` takes prompts (class labels / texts: the sample CLI's --prompt, --label); a task without them
+    # samples its own `sample_conditions` (the interpolator: keyframes of test clips).
+    takes_prompts: ClassVar[bool] = True
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+
+    @classmethod
+    @abc.abstractmethod
+    def default_model(cls) -> ml_collections.ConfigDict:
+        """`config.model`'s fields for this kind with their defaults (`config.base_config(kind)`; without "kind")."""
 
     @abc.abstractmethod
     def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -105,4 +114,4 @@ def get(config: ml_collections.ConfigDict) -> Task:
 def _load_builtin() -> None:
     # The built-in tasks register themselves on import (imported here, late: they import the config module,
     # which looks tasks up).
-    from vdit_jax.tasks import dit  # noqa: F401
+    from vdit_jax.tasks import dit, interpolator  # noqa: F401

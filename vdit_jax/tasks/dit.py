@@ -69,6 +69,10 @@ class DiTTask(tasks.Task):
 
     # ---------------------------------------------------------------- data and parameters
 
+    @classmethod
+    def default_model(cls) -> ml_collections.ConfigDict:
+        return config_lib.default_dit_model()
+
     def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         out = {
             "video": jax.ShapeDtypeStruct((batch_size, *config_lib.input_shape(self.config)), jnp.float32),
@@ -123,9 +127,10 @@ class DiTTask(tasks.Task):
         y = batch["label"] if self.net.num_classes else None
         text = batch["text"] if self.net.text_dim else None
         text_mask = batch.get("text_mask") if self.net.text_dim else None
-        given, frame_mask, loss_mask = batch.get("given_frames"), batch.get("frame_mask"), None
-        if self.net.frame_conditioning and frame_mask is not None:  # the loss scores the generated frames only
-            loss_mask = (~frame_mask).astype(jnp.float32)[:, :, None, None, None]
+        # Frame conditioning: the given frames enter as channels; the loss scores every frame, the given ones too
+        # (SVD / Wan practice): the sampler evolves all frames, so the network must denoise the given ones as well
+        # (for them, copying the conditioning).
+        given, frame_mask = batch.get("given_frames"), batch.get("frame_mask")
 
         def apply(x_t, t, x0):
             return self.model.apply({"params": params}, x_t, t, y, text, x0, text_mask, given, frame_mask)
@@ -137,7 +142,7 @@ class DiTTask(tasks.Task):
         else:
             model_fn = lambda x_t, t: apply(x_t, t, None)
         per_example, aux = self.diffusion.loss_fn(
-            model_fn, self.sched, batch["video"], t=batch["t"], noise=batch["noise"], mask=loss_mask
+            model_fn, self.sched, batch["video"], t=batch["t"], noise=batch["noise"]
         )
         return jnp.mean(per_example), {"mse": jnp.mean(aux["mse"])}
 

@@ -1,0 +1,76 @@
+"""Multi-stage video on moving_shapes/16x16: `--config=configs/multistage.py:VARIANT`.
+
+keyframes     A class-conditional DiT on every 5th frame of the 16-frame clips (frames 0, 5, 10, 15): the
+              keyframe stage. The demo's recipe (README) at 4 frames: 2x2 patches spanning the 4 frames -> 64
+              tokens.
+interpolator  The U-Net frame interpolator (`vdit_jax.models.unet`) on segments of 6 frames (random crops): fills
+              gaps of 1..4 frames, so the 4 frames between two keyframes 5 apart.
+single        The single-stage baseline: the same DiT recipe on all 16 frames (2x2 patches spanning 8 frames ->
+              128 tokens).
+
+`python -m vdit_jax.sample --pipeline=keyframes+interpolate --workdir=KEYFRAME_RUN --interpolator=INTERP_RUN`
+chains the first two (`vdit_jax.pipeline`).
+"""
+
+from vdit_jax import config as config_lib
+from vdit_jax.data import moving_shapes
+from vdit_jax.models import dit
+from vdit_jax.tasks import interpolator
+
+VARIANTS = ("keyframes", "interpolator", "single")
+KEYFRAME_STRIDE = 5  # 16 frames -> keyframes 0, 5, 10, 15; gaps of 4
+
+
+def _data(c, num_frames: int, frame_stride: int):
+    c.data.builder_config = "16x16"
+    c.data.video_shape = moving_shapes.video_shape("16x16")
+    c.data.num_frames = num_frames
+    c.data.frame_stride = frame_stride
+
+
+def get_config(arg: str = "keyframes"):
+    variant = arg or "keyframes"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown multistage variant {variant!r}; allowed: {list(VARIANTS)}")
+    if variant == "interpolator":
+        c = config_lib.base_config(interpolator.KIND)
+        _data(c, KEYFRAME_STRIDE + 1, 1)
+        c.data.label_key = ""  # the keyframes are the condition
+        c.data.num_classes = 0
+        # Sized for 2 CPU cores: XLA's CPU batched matmuls are slow at small head widths (the temporal attention
+        # over 6 frames at 4 heads of 4 cost 4x one head of 16), so one head.
+        c.model.update(base_channels=16, channel_mults=(1, 2, 2), attention_levels=(1, 2), num_heads=1, num_groups=4)
+        c.diffusion.prediction = "x0"
+        c.diffusion.min_snr_gamma = 0.0
+        c.train.global_batch_size = 8
+        c.train.num_steps = 2000
+        c.train.learning_rate = 1e-3
+        c.train.warmup_steps = 100
+        c.train.log_every = 100
+        c.train.checkpoint_every = 500
+        c.sample.steps = 25
+        c.sample.guidance = 1.0
+        return c
+    c = config_lib.base_config()
+    # The demo's recipe (configs/moving_shapes.py:tiny; its comments say why each value).
+    c.model.update(dit.SIZES["tiny"])
+    c.model.num_classes = c.data.num_classes
+    c.model.label_factors = (len(moving_shapes.COLOUR_NAMES), len(moving_shapes.SHAPES), len(moving_shapes.DIRECTIONS))
+    c.model.pos_emb = "sincos+rope"
+    c.model.long_skips = True
+    c.diffusion.prediction = "x0"
+    c.diffusion.min_snr_gamma = 0.0
+    c.train.global_batch_size = 16
+    c.train.num_steps = 4600
+    c.train.learning_rate = 2e-3
+    c.train.warmup_steps = 100
+    c.train.log_every = 200
+    c.train.checkpoint_every = 1000
+    c.sample.guidance = 4.0
+    if variant == "keyframes":
+        _data(c, 16 // KEYFRAME_STRIDE + 1, KEYFRAME_STRIDE)
+        c.model.patch_size = (4, 2, 2)
+    else:  # single
+        _data(c, 16, 1)
+        c.model.patch_size = (8, 2, 2)
+    return c
