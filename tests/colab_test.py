@@ -1,4 +1,5 @@
-"""colabs/sampling.ipynb runs headlessly (nbclient) on a tiny setting: trains in place, samples, shows videos."""
+"""The notebooks run headlessly (nbclient) on tiny settings: colabs/sampling.ipynb on the session's trained run,
+colabs/multistage.ipynb on the session's tiny keyframe and interpolator runs; each shows its videos inline."""
 
 import os
 
@@ -6,32 +7,61 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.conftest import TRAINED_STEPS
 from tests.xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
-def test_sampling_notebook_executes(tmp_path):
-    nb = nbformat.read(os.path.join(ROOT, "colabs", "sampling.ipynb"), as_version=4)
+def execute(name: str, overrides: str, tmp_path) -> list[dict]:
+    """Runs colabs/`name` with `overrides` after its parameters cell; returns every code cell's outputs."""
+    nb = nbformat.read(os.path.join(ROOT, "colabs", name), as_version=4)
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, "the notebook needs exactly one cell tagged 'parameters'"
-    idx = nb.cells.index(params[0])
-    overrides = nbformat.v4.new_code_cell(
-        'CONFIG = "tests/tiny_config.py"\nTRAIN_STEPS = 3\nNUM = 2\nSTEPS = 3\nPROMPT = "a blue circle moving up"'
-    )
-    nb.cells.insert(idx + 1, overrides)
-    env_cell = nbformat.v4.new_code_cell(f"import os\nos.chdir({ROOT!r})")
-    nb.cells.insert(0, env_cell)
+    nb.cells.insert(nb.cells.index(params[0]) + 1, nbformat.v4.new_code_cell(overrides))
+    nb.cells.insert(0, nbformat.v4.new_code_cell(f"import os\nos.chdir({ROOT!r})"))
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env={**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"})
-
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert "loaded step 3" in text
-    assert "(2, 8, 32, 32, 3) uint8" in text
-    html = [o for o in outputs if "text/html" in o.get("data", {})]
-    assert html and "<img" in html[0]["data"]["text/html"]  # the videos shown inline (gif)
+    return outputs
+
+
+def _text(outputs) -> str:
+    return "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+
+
+def _gifs(outputs) -> list[str]:
+    return [o["data"]["text/html"] for o in outputs if "<img" in o.get("data", {}).get("text/html", "")]
+
+
+@pytest.mark.xdist_group("trained")
+def test_sampling_notebook_executes(trained_run, tmp_path):
+    outputs = execute(
+        "sampling.ipynb",
+        f'WORKDIR = {str(trained_run)!r}\nNUM = 2\nSTEPS = 3\nPROMPT = "a blue circle moving up"',
+        tmp_path,
+    )
+    assert f"loaded step {TRAINED_STEPS}" in _text(outputs)
+    assert "(2, 8, 32, 32, 3) uint8" in _text(outputs)
+    assert _gifs(outputs)  # the videos shown inline (gif)
     metrics = [o for o in outputs if o.get("output_type") == "execute_result"][-1]
     assert "colour_accuracy" in metrics["data"]["text/plain"]
+
+
+@pytest.mark.xdist_group("multistage")
+def test_multistage_notebook_executes(multistage_runs, tmp_path):
+    keyframes, interp = multistage_runs
+    outputs = execute(
+        "multistage.ipynb",
+        f"KEYFRAMES_WORKDIR = {str(keyframes)!r}\nINTERPOLATOR_WORKDIR = {str(interp)!r}\nNUM = 2\nSTEPS = 2\n"
+        "INTERPOLATION_STEPS = 2",
+        tmp_path,
+    )
+    text = _text(outputs)
+    assert "3 keyframes every 3 frames -> 7 frames" in text
+    assert "keyframes (2, 3, 32, 32, 3) videos (2, 7, 32, 32, 3) uint8" in text
+    assert len(_gifs(outputs)) == 2  # keyframes, then the interpolated videos
+    metrics = [o for o in outputs if o.get("output_type") == "execute_result"][-1]["data"]["text/plain"]
+    assert "colour_accuracy" in metrics and "seam_free" in metrics

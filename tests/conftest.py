@@ -80,3 +80,28 @@ def trained_run(tmp_path_factory, moving_shapes_dir):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
+
+
+@pytest.fixture(scope="session")
+def multistage_runs(tmp_path_factory, moving_shapes_dir):
+    """(keyframes workdir, interpolator workdir): tests/tiny_config.py's "keyframes" DiT (frames 0, 3, 6) and
+    "interpolator" U-Net (segments of 4 frames), 2 steps each, each trained by the trainer CLI on one device. Tests
+    that use it share an xdist group ("multistage"), so one worker builds it."""
+    root = tmp_path_factory.mktemp("multistage")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    out = []
+    for variant in ("keyframes", "interpolator"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "vdit_jax.train",
+            f"--config={TINY_CONFIG}:{variant}",
+            f"--workdir={root / variant}",
+            f"--data_dir={moving_shapes_dir}",
+            "--config.train.num_steps=2",
+            "--config.train.sample_num=0",
+        ]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out.append(root / variant)
+    return tuple(out)

@@ -19,7 +19,6 @@ from vdit_jax.tasks import interpolator
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 
-
 SIZE = 8  # frame side
 
 

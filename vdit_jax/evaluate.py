@@ -2,11 +2,11 @@
 
 The npz holds `videos` uint8 [N, T, H, W, 3] and `prompts` (N moving_shapes captions), as written by
 `vdit_jax.sample`. The metrics are defined in `vdit_jax.data.evaluate`. Seams (`evaluate.seams`): with
-`--keyframe_stride=s` (pipeline samples) the steps into and out of every inner keyframe, with `--given_frames=k`
+`--keyframe_stride=s` (pipeline samples) the steps into and out of every inner keyframe, with `--num_given=k`
 (continuations) the step from the last given frame to the first generated one.
 
-`python -m vdit_jax.evaluate --interpolator=runs/interp [--num=256]` -> PSNR / SSIM of the interpolator's frames per
-gap on the test split, with the linear-blending and nearest-keyframe baselines (one JSON line).
+`python -m vdit_jax.evaluate --interpolator_run=runs/interp [--num_clips=256]` -> PSNR / SSIM of the interpolator's
+frames per gap on the test split, with the linear-blending and nearest-keyframe baselines (one JSON line).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from vdit_jax import cli
 
 _SAMPLES = flags.DEFINE_string("samples", None, "A samples.npz with `videos` uint8 [N,T,H,W,3] and `prompts` (str).")
 _KEYFRAME_STRIDE = flags.DEFINE_integer("keyframe_stride", None, "--samples from a pipeline: add seams at keyframes.")
-_GIVEN = flags.DEFINE_integer("given_frames", None, "--samples of continuations: add the seam after k given frames.")
-_INTERPOLATOR = flags.DEFINE_string("interpolator", None, "An interpolator's training run: PSNR/SSIM per gap.")
-_NUM = flags.DEFINE_integer("num", 256, "--interpolator: test clips per gap.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "--interpolator: the local data dir (default as in training).")
+_GIVEN = flags.DEFINE_integer("num_given", None, "--samples of continuations: add the seam after k given frames.")
+_INTERPOLATOR = flags.DEFINE_string("interpolator_run", None, "An interpolator's training run: PSNR/SSIM per gap.")
+_NUM = flags.DEFINE_integer("num_clips", 256, "--interpolator_run: test clips per gap.")
+_DATA_DIR = flags.DEFINE_string(
+    "test_data_dir", None, "--interpolator_run: the local data dir (default as in training)."
+)
 
 
 def load_samples(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -54,15 +56,17 @@ def seam_steps(num_frames: int, keyframe_stride: int | None = None, given_frames
     """The frame steps (t: frame t -> t + 1) where a seam could be: into and out of each inner keyframe of a
     pipeline video, or from the last given frame of a continuation; raises cli.UsageError for values that do not
     fit `num_frames`."""
+    from vdit_jax.data import evaluate
+
     if keyframe_stride is not None:
         s = keyframe_stride
         if not 2 <= s <= (num_frames - 1) // 2:
             raise cli.UsageError(
                 f"--keyframe_stride={s} must be in [2, {(num_frames - 1) // 2}] for {num_frames} frames"
             )
-        return [t for k in range(s, num_frames - 1, s) for t in (k - 1, k)]
+        return evaluate.keyframe_steps(num_frames, s)
     if not 1 <= given_frames <= num_frames - 2:
-        raise cli.UsageError(f"--given_frames={given_frames} must be in [1, {num_frames - 2}] for {num_frames} frames")
+        raise cli.UsageError(f"--num_given={given_frames} must be in [1, {num_frames - 2}] for {num_frames} frames")
     return [given_frames - 1]
 
 
@@ -70,11 +74,11 @@ def run(samples: str | None, keyframe_stride=None, given_frames=None, interpolat
     from vdit_jax.data import evaluate
 
     if (samples is None) == (interpolator is None):
-        raise cli.UsageError("give --samples (generated videos) or --interpolator (a training run), one of them")
+        raise cli.UsageError("give --samples (generated videos) or --interpolator_run (a training run), one of them")
     if interpolator is not None:
         return _run_interpolator(interpolator, num, data_dir)
     if keyframe_stride is not None and given_frames is not None:
-        raise cli.UsageError("give --keyframe_stride or --given_frames, not both")
+        raise cli.UsageError("give --keyframe_stride or --num_given, not both")
     videos, prompts = load_samples(samples)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -96,11 +100,11 @@ def _run_interpolator(workdir, num: int, data_dir) -> dict:
     from vdit_jax.data import sources
 
     if num < 1:
-        raise cli.UsageError(f"--num={num} must be >= 1")
+        raise cli.UsageError(f"--num_clips={num} must be >= 1")
     config, params, step = inference.load(workdir)
     task = tasks.get(config)
     if not hasattr(task, "evaluate"):
-        raise cli.UsageError(f"--interpolator={workdir!r} is a {config.model.kind!r} run, not a frame interpolator")
+        raise cli.UsageError(f"--interpolator_run={workdir!r} is a {config.model.kind!r} run, not a frame interpolator")
     result = task.evaluate(params, data_dir or config.data.data_dir or sources.default_data_dir(), num=num)
     out = {"step": step, "num_clips": num, "gaps": {str(g): v for g, v in result.items()}}
     print(json.dumps(out))

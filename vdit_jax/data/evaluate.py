@@ -234,6 +234,12 @@ def nearest_frames(first: np.ndarray, last: np.ndarray, gap: int) -> np.ndarray:
 SEAM_TOLERANCE_PX = 1.0
 
 
+def keyframe_steps(num_frames: int, stride: int) -> list[int]:
+    """The frame steps into and out of every inner keyframe (frames stride, 2 stride, ...) of a video of
+    `num_frames` frames: where a keyframes -> interpolation pipeline could show a seam (`seams`' `steps`)."""
+    return [t for k in range(stride, num_frames - 1, stride) for t in (k - 1, k)]
+
+
 def seams(videos: np.ndarray, steps) -> dict[str, float]:
     """Continuity of the object across chosen frame steps (e.g. the keyframe boundaries of a pipeline, or the
     last given -> first generated frame of a continuation), uint8 videos [N, T, H, W, 3].

@@ -134,7 +134,9 @@ class InterpolatorTask(tasks.Task):
         def model_fn(x_t, t):
             return self.model.apply({"params": params}, x_t, t, batch["given_frames"], batch["frame_mask"])
 
-        per_example, aux = self.diffusion.loss_fn(model_fn, self.sched, batch["video"], t=batch["t"], noise=batch["noise"])
+        per_example, aux = self.diffusion.loss_fn(
+            model_fn, self.sched, batch["video"], t=batch["t"], noise=batch["noise"]
+        )
         return jnp.mean(per_example), {"mse": jnp.mean(aux["mse"])}
 
     # ---------------------------------------------------------------- sampling
