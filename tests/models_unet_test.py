@@ -1,5 +1,5 @@
 """The U-Net frame interpolator: shapes over segment lengths, zero output at init, keyframe channels, temporal mixing,
-and the same output on a data x fsdp x tensor mesh of 8 fake devices as on one."""
+and the same loss and output on a data x fsdp x tensor mesh of 8 fake devices as on one."""
 
 import flax.linen as nn
 import jax
@@ -71,19 +71,35 @@ def test_config_is_validated():
 
 @pytest.mark.slow
 def test_sharded_over_data_fsdp_tensor_matches_one_device(model):
+    """The interpolator task's loss and the U-Net's output on a data x fsdp x tensor mesh of 8 fake devices equal
+    one device's."""
+    from tests.interpolator_test import tiny_interpolator_config
+    from vdit_jax import tasks
+
     cfg, params = model
-    params = randomize(params)
+    params = randomize(params)["params"]
+    config = tiny_interpolator_config(frames=3)
+    config.model.update(**CFG)
+    config.data.video_shape = (3, 8, 8, 3)
+    task = tasks.get(config)
     x = jax.random.normal(jax.random.key(4), (4, 3, 8, 8, 3))
-    t = jnp.array([1, 100, 300, 900])
-    ends = jnp.zeros((4, 3), bool).at[:, 0].set(True).at[:, 2].set(True)
-    single = jax.jit(unet.UNet(cfg).apply)(params, x, t, x, ends)
+    batch = task.prepare_batch({"video": x}, jax.random.key(5))
+
+    def loss_and_output(p, batch):
+        out = unet.UNet(cfg).apply(
+            {"params": p}, batch["video"], batch["t"], batch["given_frames"], batch["frame_mask"]
+        )
+        return task.loss(p, batch, jax.random.key(6))[0], out
+
+    single = jax.jit(loss_and_output)(params, batch)
     mesh = mesh_lib.make_mesh({sh.DATA: 2, sh.FSDP: 2, sh.TENSOR: 2}, jax.devices()[:8])
     rules = sh.default_rules()
     boxed = jax.eval_shape(lambda: unet.init_params(cfg, jax.random.key(0), x.shape))
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)["params"]
     assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings))  # really split
-    placed = jax.device_put(params["params"], shardings)
+    placed = jax.device_put(params, shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        batch = jax.device_put((x, t, ends), sh.batch_sharding(mesh, rules, 1))
-        sharded = jax.jit(lambda p, x, t, m: unet.UNet(cfg).apply({"params": p}, x, t, x, m))(placed, *batch)
-    np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-5)
+        placed_batch = {k: jax.device_put(v, sh.batch_sharding(mesh, rules, v.ndim)) for k, v in batch.items()}
+        sharded = jax.jit(loss_and_output)(placed, placed_batch)
+    np.testing.assert_allclose(sharded[0], single[0], rtol=1e-5)
+    np.testing.assert_allclose(sharded[1], single[1], rtol=1e-4, atol=1e-5)
