@@ -146,3 +146,24 @@ def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, contents):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_continuations_are_scored_on_their_generated_frames_with_the_seam(tmp_path, test_split):
+    """`--num_given=k`: the attributes of frames k.. only (a wrong given part does not count), and the seam from
+    frame k - 1 to k (a jump there does)."""
+    from vdit_jax import evaluate as cli_lib
+    from vdit_jax import video_io
+
+    videos, prompts = test_split
+    videos = videos[:64].copy()
+    videos[:, :3] = videos[:, :3, :, :, ::-1]  # the given part in other colours
+    path = tmp_path / "samples.npz"
+    np.savez(path, videos=videos, prompts=np.array(prompts[:64]))
+    assert video_io.read_prompts(path) == prompts[:64]
+    metrics = cli_lib.run(str(path), given_frames=3)
+    assert metrics["colour_accuracy"] >= 0.95 and metrics["direction_accuracy"] >= 0.95
+    assert metrics["seam_colour_kept"] < 0.9  # the colour changed at the boundary
+    smooth = cli_lib.run(str(path), given_frames=5)  # all of the other-coloured part is "given"; frames 5.. kept
+    assert smooth["seam_step_deviation_px"] < ev.SEAM_TOLERANCE_PX and smooth["seam_colour_kept"] == 1.0
+    with pytest.raises(ValueError, match=r"--num_given=7 must be in \[1, 6\]"):
+        cli_lib.run(str(path), given_frames=7)

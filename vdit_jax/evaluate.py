@@ -3,7 +3,8 @@
 The npz holds `videos` uint8 [N, T, H, W, 3] and `prompts` (N moving_shapes captions), as written by
 `vdit_jax.sample`. The metrics are defined in `vdit_jax.data.evaluate`. Seams (`evaluate.seams`): with
 `--keyframe_stride=s` (pipeline samples) the steps into and out of every inner keyframe, with `--num_given=k`
-(continuations) the step from the last given frame to the first generated one.
+(continuations) the colour / shape / direction / consistency of the generated frames only and the step from the last
+given frame to the first generated one.
 
 `python -m vdit_jax.evaluate --interpolator_run=runs/interp [--num_clips=256]` -> PSNR / SSIM of the interpolator's
 frames per gap on the test split, with the linear-blending and nearest-keyframe baselines (one JSON line).
@@ -24,7 +25,9 @@ from vdit_jax import cli
 
 _SAMPLES = flags.DEFINE_string("samples", None, "A samples.npz with `videos` uint8 [N,T,H,W,3] and `prompts` (str).")
 _KEYFRAME_STRIDE = flags.DEFINE_integer("keyframe_stride", None, "--samples from a pipeline: add seams at keyframes.")
-_GIVEN = flags.DEFINE_integer("num_given", None, "--samples of continuations: add the seam after k given frames.")
+_GIVEN = flags.DEFINE_integer(
+    "num_given", None, "--samples of continuations of k given frames: metrics of the generated frames, and the seam."
+)
 _INTERPOLATOR = flags.DEFINE_string("interpolator_run", None, "An interpolator's training run: PSNR/SSIM per gap.")
 _NUM = flags.DEFINE_integer("num_clips", 256, "--interpolator_run: test clips per gap.")
 _DATA_DIR = flags.DEFINE_string(
@@ -83,7 +86,11 @@ def run(samples: str | None, keyframe_stride=None, given_frames=None, interpolat
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            metrics = evaluate.evaluate(videos, prompts)
+            if given_frames is not None:  # continuations: the attributes of the generated frames only
+                seam_steps(videos.shape[1], given_frames=given_frames)
+                metrics = evaluate.evaluate(videos[:, given_frames:], prompts)
+            else:
+                metrics = evaluate.evaluate(videos, prompts)
             if keyframe_stride is not None or given_frames is not None:
                 steps = seam_steps(videos.shape[1], keyframe_stride, given_frames)
                 metrics.update({f"seam_{k}": v for k, v in evaluate.seams(videos, steps).items() if k != "num_samples"})

@@ -31,7 +31,8 @@ _INIT_VIDEO = flags.DEFINE_string(
     "init_video",
     None,
     "Frame-conditioned models: a samples.npz (`videos` uint8 [N, T, H, W, 3]) or an .mp4/.gif whose first "
-    "--given_frames frames are kept; the model generates the rest, one video per clip (the first --num clips).",
+    "--given_frames frames are kept; the model generates the rest, one video per clip (the first --num clips). "
+    "Without --prompt / --label, a samples.npz's `prompts` condition their clips.",
 )
 _GIVEN_FRAMES = flags.DEFINE_integer("given_frames", None, "With --init_video: how many leading frames are given.")
 _PIPELINE = flags.DEFINE_string(
@@ -210,6 +211,16 @@ def run(
             config, data_dir or config.data.data_dir or sources.default_data_dir(), num, seed=seed
         )
         labels, prompts, text, text_mask = cond["labels"], cond["captions"], cond["text"], cond["text_mask"]
+    elif init_video is not None and prompt is None and label is None and config.model.num_classes:
+        # Continuations of a samples.npz with prompts (e.g. test clips and their captions) keep each clip's prompt.
+        from vdit_jax import video_io
+
+        clip_prompts = video_io.read_prompts(init_video)
+        if clip_prompts is None:
+            labels, prompts = resolve_labels(config, prompt, label, num)
+        else:
+            prompts = clip_prompts[:num]
+            labels = np.array([sources.parse_prompt(config, p) for p in prompts], np.int32)
     else:
         labels, prompts = resolve_labels(config, prompt, label, num)
     logging.info("sampling %d videos from step %d of %s", num, loaded, workdir)

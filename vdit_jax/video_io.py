@@ -37,6 +37,19 @@ def _upscale(video: np.ndarray, min_size: int = 64) -> np.ndarray:
     return np.repeat(np.repeat(video, factor, axis=1), factor, axis=2)
 
 
+def read_prompts(path) -> list[str] | None:
+    """The `prompts` of a `samples.npz` (str, one per video), or None for a file without them (or not an .npz)."""
+    path = paths.resolve(path)
+    if path.suffix.lower() != ".npz" or not path.exists():
+        return None
+    import io
+
+    with np.load(io.BytesIO(path.read_bytes())) as data:
+        if "prompts" not in data:
+            return None
+        return [p.decode() if isinstance(p, bytes) else str(p) for p in data["prompts"].ravel()]
+
+
 def read_videos(path) -> np.ndarray:
     """uint8 [N, T, H, W, 3] videos from a `samples.npz` as the sampler writes it (key `videos`) or one video file
     (.mp4 / .gif / anything imageio's FFMPEG plugin reads: N = 1). `path` is any `etils.epath` path.
