@@ -51,17 +51,17 @@ def test_sampling_notebook_executes(trained_run, tmp_path):
 
 
 @pytest.mark.xdist_group("multistage")
-def test_multistage_notebook_executes(multistage_runs, tmp_path):
-    keyframes, interp = multistage_runs
+def test_multistage_notebook_executes(tiny_multistage, tmp_path):
+    m = tiny_multistage
     outputs = execute(
         "multistage.ipynb",
-        f"KEYFRAMES_WORKDIR = {str(keyframes)!r}\nINTERPOLATOR_WORKDIR = {str(interp)!r}\nNUM = 2\nSTEPS = 2\n"
-        "INTERPOLATION_STEPS = 2",
+        f"KEYFRAMES_WORKDIR = {str(m.keyframe_dir)!r}\nINTERPOLATOR_WORKDIR = {str(m.interp_dir)!r}\nLABEL = 1\n"
+        "NUM = 2\nSTEPS = 2\nINTERPOLATION_STEPS = 2",
         tmp_path,
     )
     text = _text(outputs)
-    assert "3 keyframes every 3 frames -> 7 frames" in text
-    assert "keyframes (2, 3, 32, 32, 3) videos (2, 7, 32, 32, 3) uint8" in text
+    assert "3 keyframes every 4 frames -> 9 frames" in text
+    assert "keyframes (2, 3, 8, 8, 3) videos (2, 9, 8, 8, 3) uint8" in text
     assert len(_gifs(outputs)) == 2  # keyframes, then the interpolated videos
     metrics = [o for o in outputs if o.get("output_type") == "execute_result"][-1]["data"]["text/plain"]
     assert "colour_accuracy" in metrics and "seam_free" in metrics

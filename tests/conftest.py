@@ -83,25 +83,58 @@ def trained_run(tmp_path_factory, moving_shapes_dir):
 
 
 @pytest.fixture(scope="session")
-def multistage_runs(tmp_path_factory, moving_shapes_dir):
-    """(keyframes workdir, interpolator workdir): tests/tiny_config.py's "keyframes" DiT (frames 0, 3, 6) and
-    "interpolator" U-Net (segments of 4 frames), 2 steps each, each trained by the trainer CLI on one device. Tests
-    that use it share an xdist group ("multistage"), so one worker builds it."""
+def tiny_multistage(tmp_path_factory):
+    """The two stages of a tiny pipeline, trained in this process on one device through the one jitted train step,
+    each written as a workdir in the trainer's format (config.json and an orbax checkpoint):
+
+      interp_*:   tests/helpers.py's tiny interpolator overfit on 2 rendered 8x8 clips (a batch of 4: each twice,
+                  with other gaps drawn), 300 steps: `data` uint8 [4, 5, 8, 8, 3], `losses` per step;
+      keyframe_*: its tiny keyframe DiT (frames 0, 4, 8 of 9-frame 8x8 videos), 2 steps on random batches.
+
+    Tests that use it share an xdist group ("multistage"), so one worker builds it."""
+    import types
+
+    import jax
+    import numpy as np
+
+    from tests import helpers
+    from vdit_jax.parallel import mesh as mesh_lib
+    from vdit_jax.parallel import sharding as sh
+    from vdit_jax.train import checkpoint as ckpt_lib
+    from vdit_jax.train import state as state_lib
+    from vdit_jax.train import step as step_lib
+
     root = tmp_path_factory.mktemp("multistage")
-    env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    out = []
-    for variant in ("keyframes", "interpolator"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "vdit_jax.train",
-            f"--config={TINY_CONFIG}:{variant}",
-            f"--workdir={root / variant}",
-            f"--data_dir={moving_shapes_dir}",
-            "--config.train.num_steps=2",
-            "--config.train.sample_num=0",
-        ]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out.append(root / variant)
-    return tuple(out)
+    mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
+
+    def train(config, batches, workdir):
+        rules = sh.rules_from_config(config.logical_axis_rules)
+        state = state_lib.create_train_state(config, mesh, rules, jax.random.key(0))
+        step = step_lib.make_train_step(config, mesh, rules)
+        losses = []
+        with step_lib.logical_context(mesh, rules):
+            for batch in batches:
+                state, metrics = step(state, batch)
+                losses.append(float(metrics["loss"]))
+        workdir.mkdir()
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+        ckpt.save(len(batches), state, config=config, force=True)
+        ckpt.close()
+        return jax.device_get(state.ema_params), losses
+
+    interp_config = helpers.tiny_interpolator_config()
+    data = np.concatenate([helpers.clips(2, 5)] * 2)
+    batch = {"video": jax.numpy.asarray(data, np.float32) / 127.5 - 1.0}
+    interp_params, losses = train(interp_config, [batch] * 300, root / "interpolator")
+    keyframe_config = helpers.tiny_keyframe_config()
+    train(keyframe_config, helpers.random_batches(keyframe_config, 2), root / "keyframes")
+    return types.SimpleNamespace(
+        interp_config=interp_config,
+        interp_params=interp_params,
+        interp_dir=root / "interpolator",
+        data=data,
+        losses=losses,
+        keyframe_config=keyframe_config,
+        keyframe_dir=root / "keyframes",
+    )

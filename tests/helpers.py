@@ -1,8 +1,11 @@
 """Shared test helpers: tiny configs built from the base config with overrides (never a production config)."""
 
 import jax
+import numpy as np
 
 from vdit_jax import config as config_lib
+from vdit_jax.data import moving_shapes as ms
+from vdit_jax.tasks import interpolator
 
 
 def tiny_config(**model_overrides):
@@ -36,3 +39,52 @@ def random_batches(config, n, seed=0):
             }
         )
     return out
+
+
+SIZE = 8  # frame side
+
+
+def tiny_interpolator_config(frames: int = 5):
+    """A seconds-scale interpolator: a 2-level width-8 U-Net on segments of `frames` 8x8 frames, batch 4."""
+    c = config_lib.base_config(interpolator.KIND)
+    c.data.name = "random_batches"  # clips rendered by `clips`, no dataset
+    c.data.video_shape = (frames, SIZE, SIZE, 3)
+    c.data.num_classes = 0
+    c.data.label_key = ""
+    c.model.update(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), num_heads=1, num_groups=2)
+    c.diffusion.prediction = "x0"
+    c.diffusion.min_snr_gamma = 0.0
+    c.diffusion.num_timesteps = 100
+    c.train.global_batch_size = 4
+    c.train.learning_rate = 5e-3
+    c.train.warmup_steps = 10
+    c.train.end_lr_fraction = 1.0
+    c.train.ema_decay = 0.0  # sample the trained weights themselves
+    c.sample.steps = 10
+    c.sample.guidance = 1.0
+    return c
+
+
+def clips(n: int, frames: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
+    """uint8 [n, frames, size, size, 3] moving_shapes clips, rendered (a random class each, objects of size / 3 px
+    as fast as the frame allows, at most 1 px/frame)."""
+    rng = np.random.default_rng(seed)
+    obj = size // 3
+    speed = min(1.0, (size - obj - 1) / (frames - 1))
+    out = []
+    for _ in range(n):
+        colour, shape, direction = ms.split_label(int(rng.integers(ms.NUM_CLASSES)))
+        out.append(ms.render(rng, frames, size, colour, shape, direction, object_size=obj, speed=speed)["video"])
+    return np.stack(out)
+
+
+def tiny_keyframe_config():
+    """The keyframe stage of a tiny pipeline: `tiny_config`'s DiT on frames 0, 4, 8 of 9-frame 8x8 videos (frame
+    stride 4: gaps of 3, which `tiny_interpolator_config`'s segments of 5 fill), 3 x 2 x 2 tokens, batch 2."""
+    c = tiny_config()
+    c.model.patch_size = (1, 4, 4)
+    c.data.video_shape = (9, SIZE, SIZE, 3)
+    c.data.num_frames = 3
+    c.data.frame_stride = 4
+    c.train.global_batch_size = 2
+    return c

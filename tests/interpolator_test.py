@@ -9,51 +9,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from tests import helpers
 from vdit_jax import config as config_lib
 from vdit_jax import inference, tasks
 from vdit_jax.data import evaluate
 from vdit_jax.data import moving_shapes as ms
-from vdit_jax.parallel import mesh as mesh_lib
-from vdit_jax.parallel import sharding as sh
 from vdit_jax.tasks import interpolator
-from vdit_jax.train import state as state_lib
-from vdit_jax.train import step as step_lib
-
-SIZE = 8  # frame side
-
-
-def tiny_interpolator_config(frames: int = 5):
-    """A seconds-scale interpolator: a 2-level width-8 U-Net on segments of `frames` 8x8 frames, batch 4."""
-    c = config_lib.base_config(interpolator.KIND)
-    c.data.name = "random_batches"  # clips rendered in the test, no dataset
-    c.data.video_shape = (frames, SIZE, SIZE, 3)
-    c.data.num_classes = 0
-    c.data.label_key = ""
-    c.model.update(base_channels=8, channel_mults=(1, 2), attention_levels=(1,), num_heads=1, num_groups=2)
-    c.diffusion.prediction = "x0"
-    c.diffusion.min_snr_gamma = 0.0
-    c.diffusion.num_timesteps = 100
-    c.train.global_batch_size = 4
-    c.train.learning_rate = 5e-3
-    c.train.warmup_steps = 10
-    c.train.end_lr_fraction = 1.0
-    c.train.ema_decay = 0.0  # sample the trained weights themselves
-    c.sample.steps = 10
-    c.sample.guidance = 1.0
-    return c
-
-
-def clips(n: int, frames: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
-    """uint8 [n, frames, size, size, 3] moving_shapes clips, rendered (a random class each, objects of size / 3 px
-    as fast as the frame allows, at most 1 px/frame)."""
-    rng = np.random.default_rng(seed)
-    obj = size // 3
-    speed = min(1.0, (size - obj - 1) / (frames - 1))
-    out = []
-    for _ in range(n):
-        colour, shape, direction = ms.split_label(int(rng.integers(ms.NUM_CLASSES)))
-        out.append(ms.render(rng, frames, size, colour, shape, direction, object_size=obj, speed=speed)["video"])
-    return np.stack(out)
 
 
 def test_gap_masks_give_two_keyframes_and_score_the_frames_between():
@@ -98,27 +59,10 @@ def test_the_config_kind_declares_the_unet_and_is_validated():
         config_lib.base_config("unet")
 
 
-@pytest.fixture(scope="session")
-def overfit():
-    """The tiny interpolator trained through the one jitted train step on 2 fixed clips (a batch of 4: each twice,
-    with other gaps drawn), 300 steps."""
-    config = tiny_interpolator_config()
-    mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
-    rules = sh.rules_from_config(config.logical_axis_rules)
-    state = state_lib.create_train_state(config, mesh, rules, jax.random.key(0))
-    step = step_lib.make_train_step(config, mesh, rules)
-    data = np.concatenate([clips(2, 5)] * 2)
-    batch = {"video": jax.numpy.asarray(data, np.float32) / 127.5 - 1.0}
-    losses = []
-    with step_lib.logical_context(mesh, rules):
-        for _ in range(300):
-            state, metrics = step(state, batch)
-            losses.append(float(metrics["loss"]))
-    return config, jax.device_get(state.ema_params), data, losses
-
-
-def test_a_short_overfit_beats_linear_blending(overfit):
-    config, params, data, losses = overfit
+@pytest.mark.xdist_group("multistage")
+def test_a_short_overfit_beats_linear_blending(tiny_multistage):
+    m = tiny_multistage
+    config, params, data, losses = m.interp_config, m.interp_params, m.data, m.losses
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10]), losses[::10]
     task = tasks.get(config)
     first, last, truth = data[:, 0], data[:, 4], data[:, 1:4]
@@ -126,11 +70,16 @@ def test_a_short_overfit_beats_linear_blending(overfit):
     model = evaluate.frame_quality(pred, truth)
     blend = evaluate.frame_quality(evaluate.blend_frames(first, last, 3), truth)
     assert model["psnr"] > blend["psnr"] + 3, (model, blend)
+    scores = task.evaluate(params, clips=data, seed=1)  # what `evaluate --interpolator_run` reports, per gap
+    assert set(scores) == {1, 2, 3} and scores[3]["blend"] == blend
+    assert scores[3]["model"]["psnr"] > blend["psnr"] + 3
 
 
+@pytest.mark.xdist_group("multistage")
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_keyframes_are_kept_exactly_and_every_gap_has_its_shape(overfit, sampler):
-    config, params, data, _ = overfit
+def test_keyframes_are_kept_exactly_and_every_gap_has_its_shape(tiny_multistage, sampler):
+    m = tiny_multistage
+    config, params, data = m.interp_config, m.interp_params, m.data
     task = tasks.get(config)
     cond = {"given_frames": data.astype(np.float32) / 127.5 - 1.0, "frame_mask": np.zeros((4, 5), bool)}
     cond["frame_mask"][:, [0, 2, 4]] = True  # any mask: three keyframes
@@ -142,9 +91,15 @@ def test_keyframes_are_kept_exactly_and_every_gap_has_its_shape(overfit, sampler
     if sampler == "ddim":
         for gap in (1, 2, 3):
             got = task.interpolate(params, data[:2, 0], data[:2, gap + 1], gap, jax.random.key(3))
-            assert got.shape == (2, gap, SIZE, SIZE, 3)
-        short = tasks.get(tiny_interpolator_config(frames=3))  # the same parameters fill shorter segments
-        assert short.interpolate(params, data[:2, 0], data[:2, 2], 1, jax.random.key(4)).shape == (2, 1, SIZE, SIZE, 3)
+            assert got.shape == (2, gap, helpers.SIZE, helpers.SIZE, 3)
+        short = tasks.get(helpers.tiny_interpolator_config(frames=3))  # the same parameters fill shorter segments
+        assert short.interpolate(params, data[:2, 0], data[:2, 2], 1, jax.random.key(4)).shape == (
+            2,
+            1,
+            helpers.SIZE,
+            helpers.SIZE,
+            3,
+        )
         with pytest.raises(ValueError, match=r"gap=2 must be in \[1, 1\]"):
             short.interpolate(params, data[:2, 0], data[:2, 3], 2, jax.random.key(4))
         with pytest.raises(ValueError, match="guidance=3.0: the interpolator is not guided"):
@@ -152,7 +107,7 @@ def test_keyframes_are_kept_exactly_and_every_gap_has_its_shape(overfit, sampler
 
 
 def test_interpolation_metrics_and_baselines():
-    data = clips(6, 5, seed=1, size=16)
+    data = helpers.clips(6, 5, seed=1, size=16)
     first, last, truth = data[:, 0], data[:, 4], data[:, 1:4]
     exact = evaluate.frame_quality(truth, truth)
     assert exact["psnr"] == evaluate.PSNR_CAP_DB and exact["ssim"] == pytest.approx(1.0, abs=1e-5)
@@ -169,7 +124,7 @@ def test_interpolation_metrics_and_baselines():
 
 
 def test_seams_find_a_jump_and_a_colour_change():
-    data = clips(4, 11, seed=2, size=16)
+    data = helpers.clips(4, 11, seed=2, size=16)
     steps = [4, 5]
     smooth = evaluate.seams(data, steps)
     assert smooth["seam_free"] == 1.0 and smooth["colour_kept"] == 1.0

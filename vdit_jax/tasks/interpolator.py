@@ -222,14 +222,21 @@ class InterpolatorTask(tasks.Task):
         given, mask = keyframe_segments(first, last, gap, frames)
         return self.sample(params, {"given_frames": given, "frame_mask": mask}, rng, **options)[:, 1 : gap + 1]
 
-    def evaluate(self, params, data_dir, gaps=None, num: int = 256, seed: int = 0, **options) -> dict[int, dict]:
+    def evaluate(
+        self, params, data_dir=None, gaps=None, num: int = 256, seed: int = 0, clips=None, **options
+    ) -> dict[int, dict]:
         """PSNR / SSIM (`data.evaluate.frame_quality`) of the frames this model fills between the frames 0 and g + 1
-        of `num` test-split clips, for each gap g in `gaps` (default 1 .. L - 2), next to the two baselines:
-        {g: {"model": {...}, "blend": {...}, "nearest": {...}}}. Options as `sample`'s."""
+        of `num` test-split clips of `data_dir` (or of `clips`, uint8 [N, >= g + 2, H, W, C]), for each gap g in
+        `gaps` (default 1 .. L - 2), next to the two baselines: {g: {"model": {...}, "blend": {...}, "nearest":
+        {...}}}. Options as `sample`'s. Raises ValueError for float clips or too few frames."""
         from vdit_jax.data import evaluate, sources
 
         gaps = list(range(1, self.segment_length - 1)) if gaps is None else [int(g) for g in gaps]
-        clips, _ = sources.test_clips(self.config, data_dir, num, seed=seed)
+        if clips is None:
+            clips, _ = sources.test_clips(self.config, data_dir, num, seed=seed)
+        clips = np.asarray(clips)
+        if clips.ndim != 5 or clips.shape[1] < max(gaps) + 2:
+            raise ValueError(f"clips must be [N, >= {max(gaps) + 2}, H, W, C] for gaps {gaps}, got {clips.shape}")
         if clips.dtype != np.uint8:
             raise ValueError(f"interpolation metrics are for uint8 pixel clips, got {clips.dtype}")
         out = {}
