@@ -140,3 +140,18 @@ def test_seams_find_a_jump_and_a_colour_change():
     assert changed["colour_kept"] < 1.0 and changed["seam_free"] < 1.0
     with pytest.raises(ValueError, match=r"must be non-empty frame indices in \[0, 9\]"):
         evaluate.seams(data, [10])
+
+
+def test_the_benchmark_asks_the_task():
+    """`vdit_jax.bench` runs the interpolator's sampling step and loop (no analytic FLOPs: XLA's count only)."""
+    from vdit_jax import bench
+
+    config = helpers.tiny_interpolator_config()
+    config.train.global_batch_size = 8  # one segment per fake device
+    config.sample.steps = 2
+    r = bench.run(config, mode="sample", steps=1)
+    assert r["cfg_batch"] == 8 and r["model_flops"] is None and r["mfu"] is None and r["tokens_per_video"] is None
+    assert r["xla_flops"] > 0 and r["ms_per_step"] > 0 and r["loop_ms"] > 0
+    task = tasks.get(config)
+    shapes = jax.eval_shape(lambda r: task.init(r, task.batch_shapes(1)), jax.random.key(0))
+    assert r["params"] == sum(x.size for x in jax.tree.leaves(shapes)) > 0

@@ -52,9 +52,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.tree_util import Partial
 
-from vdit_jax import cli, diffusion
+from vdit_jax import cli, diffusion, tasks
 from vdit_jax import config as config_lib
 from vdit_jax.models import attention, dit, layers
 from vdit_jax.parallel import mesh as mesh_lib
@@ -137,17 +136,15 @@ def forward_flops(mc: dit.DiTConfig, video_shape, text_len: int = 0) -> dict[str
     return out
 
 
-def num_tokens(config: ml_collections.ConfigDict) -> int:
-    """Video tokens per example."""
-    mc = config_lib.model_config(config)
-    return int(np.prod(layers.token_grid((1, *config_lib.input_shape(config)), mc.patch_size)))
+def num_tokens(config: ml_collections.ConfigDict) -> int | None:
+    """Tokens per example the config's network sees (`Task.tokens_per_example`; None for a network without)."""
+    return tasks.get(config).tokens_per_example()
 
 
 def param_count(config: ml_collections.ConfigDict) -> int:
     """Parameters of the config's model, from shapes only (`jax.eval_shape`: nothing is allocated)."""
-    mc = config_lib.model_config(config)
-    shape = (1, *config_lib.input_shape(config))
-    shapes = jax.eval_shape(functools.partial(dit.init_params, mc, video_shape=shape), jax.random.key(0))
+    task = tasks.get(config)
+    shapes = jax.eval_shape(lambda r: task.init(r, task.batch_shapes(1)), jax.random.key(0))
     return state_lib.count_params(nn.unbox(shapes))
 
 
@@ -245,13 +242,12 @@ def bench_train(config, mesh, rules, steps: int) -> tuple[dict, list]:
 
         loss = float(jax.device_get(call()["loss"]))  # warm-up
         times = _time_calls(call, steps)
-    mc = config_lib.model_config(config)
     b = config.train.global_batch_size
-    fwd = forward_flops(mc, (b, *config_lib.input_shape(config)), config.data.text_len)
+    fwd = tasks.get(config).forward_flops(b)
     fields = {
         "batch": b,
-        "model_flops": 3 * fwd["total"],
-        "model_flops_forward_breakdown": {k: v for k, v in fwd.items() if k != "total"},
+        "model_flops": None if fwd is None else 3 * fwd["total"],
+        "model_flops_forward_breakdown": None if fwd is None else {k: v for k, v in fwd.items() if k != "total"},
         "xla_flops": _xla_flops(compiled),
         "compile_s": compile_s,
         "loss": loss,
@@ -263,40 +259,22 @@ def bench_train(config, mesh, rules, steps: int) -> tuple[dict, list]:
 
 def init_params(config, mesh, rules, rng):
     """The model's parameters only (no optimiser state), initialised straight into their shardings."""
-    mc = config_lib.model_config(config)
-    shape = (config.train.global_batch_size, *config_lib.input_shape(config))
-    init = functools.partial(dit.init_params, mc, video_shape=shape)
+    task = tasks.get(config)
+    init = functools.partial(task.init, batch=task.batch_shapes(config.train.global_batch_size))
     shardings = sh.logical_shardings(jax.eval_shape(init, rng), mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)["params"]
-
-
-@functools.cache
-def _apply_fn(mc: dit.DiTConfig):
-    """(params, x, t, cond) -> prediction; one function object per model config, so jit caches hit."""
-    model = dit.DiT(mc)
-    return lambda params, x, t, cond: model.apply(
-        {"params": params}, x, t, cond.get("label"), cond.get("text"), None, cond.get("text_mask")
-    )
+        return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
 def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
     """Times one denoising step (a forward on the CFG batch) and the whole jitted DDIM loop."""
     rng = jax.random.key(config.seed)
-    mc = config_lib.model_config(config)
+    task = tasks.get(config)
     b = config.train.global_batch_size
     shape = (b, *config_lib.input_shape(config))
     params = init_params(config, mesh, rules, rng)
-    cond, null = {}, {}
     batch = synthetic_batch(config, mesh, rules, jax.random.fold_in(rng, 7))
-    if mc.num_classes:
-        cond["label"], null["label"] = batch["label"], jnp.full((1,), mc.num_classes, jnp.int32)
-    if mc.text_dim:
-        cond["text"], cond["text_mask"] = batch["text"], batch["text_mask"]
-        null["text"], null["text_mask"] = dit.null_text(1, config.data.text_len, mc.text_dim)
-    guidance = config.sample.guidance
-    apply_fn = Partial(_apply_fn(mc), params)
-    model_fn = diffusion.cfg_model_fn(apply_fn, cond, null, guidance)
+    model_fn, cfg_batch = task.denoise_model_fn(params, batch)
     d = config.diffusion
     sched = config_lib.schedule(config)
     x = batch["video"]
@@ -316,13 +294,12 @@ def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
         jax.block_until_ready(sample())  # compiles and runs once
         loop_first_s = time.perf_counter() - start
         loop_s = _time_calls(sample, 1)[0]
-    cfg_batch = b if isinstance(guidance, int | float) and guidance == 1.0 else 2 * b
-    fwd = forward_flops(mc, (cfg_batch, *shape[1:]), config.data.text_len)
+    fwd = task.forward_flops(cfg_batch)
     fields = {
         "batch": b,
         "cfg_batch": cfg_batch,
-        "model_flops": fwd["total"],
-        "model_flops_forward_breakdown": {k: v for k, v in fwd.items() if k != "total"},
+        "model_flops": None if fwd is None else fwd["total"],
+        "model_flops_forward_breakdown": None if fwd is None else {k: v for k, v in fwd.items() if k != "total"},
         "xla_flops": _xla_flops(compiled),
         "compile_s": compile_s,
         "loop_steps": config.sample.steps,
@@ -406,7 +383,8 @@ def run(
     step_s = statistics.median(fields.pop("_times"))
     videos = fields.pop("_videos")
     peak = peak if peak is not None else peak_tflops(device.device_kind)
-    tflops = fields["model_flops"] / step_s / 1e12
+    tflops = None if fields["model_flops"] is None else fields["model_flops"] / step_s / 1e12
+    tokens = num_tokens(config)
     mem, mem_source = peak_memory(compiled)
     return {
         "config": config_name,
@@ -416,15 +394,15 @@ def run(
         "device_count": n_dev,
         "mesh": dict(mesh.shape),
         "params": param_count(config),
-        "tokens_per_video": num_tokens(config),
+        "tokens_per_video": tokens,
         "text_len": config.data.text_len,
         "ms_per_step": 1e3 * step_s,
-        "tokens_per_s": videos * num_tokens(config) / step_s,
+        "tokens_per_s": None if tokens is None else videos * tokens / step_s,
         **fields,
         "tflops": tflops,
         "peak_tflops_per_device": peak,
         "measured_ceiling_tflops_per_device": measured_ceiling_tflops(device.device_kind),
-        "mfu": tflops / (peak * n_dev) if peak else None,
+        "mfu": tflops / (peak * n_dev) if peak and tflops is not None else None,
         "peak_memory_bytes": mem,
         "peak_memory_gib": None if mem is None else mem / 2**30,
         "peak_memory_source": mem_source,

@@ -1,7 +1,7 @@
 """What can be trained: one `Task` per network kind, looked up by `config.model.kind`.
 
 The trainer (`vdit_jax.train`), the sampler (`inference.sample`) and the dry run never ask which network they run
-(the benchmark's analytic FLOPs and its sampling mode are still the DiT's); they ask the task of the config for
+; they ask the task of the config for
 
   - `default_model()`: the fields of `config.model` for its network (`config.base_config(kind)` declares them);
   - `batch_shapes(batch_size)`: the batch fields it needs (names of DESIGN.md §4) with shapes and dtypes;
@@ -11,7 +11,10 @@ The trainer (`vdit_jax.train`), the sampler (`inference.sample`) and the dry run
   - `loss(params, batch, rng) -> (loss, metrics)`: the pure objective, built from `vdit_jax.diffusion`;
   - `sample(params, cond, rng, ...)`: its sampling function, and `sample_conditions(...)` for training-time
     samples;
-  - `validate(config)`, `validate_mesh(config, mesh_sizes)`: the checks of its own config values.
+  - `validate(config)`, `validate_mesh(config, mesh_sizes)`: the checks of its own config values;
+  - for the benchmark (`vdit_jax.bench`): `denoise_model_fn(params, batch)` (one sampling step's network call),
+    `forward_flops(batch_size)` (analytic model FLOPs, or None: then only XLA's count is reported) and
+    `tokens_per_example()` (or None).
 
 EMA, gradient accumulation, non-finite skipping, checkpoints, metrics and the jitted sharded step are written once,
 in `vdit_jax.train`, for every task.
@@ -70,6 +73,20 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def sample_conditions(self, data_dir, num: int, seed: int) -> dict[str, Any]:
         """`num` conditions for training-time samples: `sample`'s `cond` plus "captions" (list of str)."""
+
+    def denoise_model_fn(self, params: Any, batch: Batch) -> tuple[Any, int]:
+        """(model_fn(x_t, t), examples per call) of one sampling step on `batch` (e.g. with classifier-free guidance:
+        the doubled batch), for the benchmark's sample mode."""
+        raise NotImplementedError(f"the {self.kind!r} task has no sampling step to benchmark")
+
+    def forward_flops(self, batch_size: int) -> dict[str, float] | None:
+        """Analytic FLOPs of one forward on `batch_size` examples ({"total": ..., parts...}), or None."""
+        del batch_size
+        return None
+
+    def tokens_per_example(self) -> int | None:
+        """Tokens the network sees per example (transformers), or None."""
+        return None
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:

@@ -256,7 +256,36 @@ class DiTTask(tasks.Task):
             out.append(to_uint8(x) if net.in_channels == 3 else np.asarray(x, np.float32))
         return np.concatenate(out)
 
-    # ---------------------------------------------------------------- checks and costs
+    # ---------------------------------------------------------------- costs (the benchmark)
+
+    def denoise_model_fn(self, params, batch: tasks.Batch) -> tuple[Any, int]:
+        """The classifier-free-guidance model_fn of the sampler on the batch's conditions (B examples; 2B per call
+        unless `sample.guidance` is 1)."""
+        net = self.net
+        cond, null = {}, {}
+        if net.num_classes:
+            cond["label"], null["label"] = batch["label"], jnp.full((1,), net.num_classes, jnp.int32)
+        if net.text_dim:
+            cond["text"], cond["text_mask"] = batch["text"], batch["text_mask"]
+            null["text"], null["text_mask"] = dit.null_text(1, self.config.data.text_len, net.text_dim)
+        guidance = self.config.sample.guidance
+        model_fn = diffusion.cfg_model_fn(Partial(_apply_fn(net), params), cond, null, guidance)
+        b = batch["video"].shape[0]
+        return model_fn, b if guidance == 1.0 else 2 * b
+
+    def forward_flops(self, batch_size: int) -> dict[str, float]:
+        from vdit_jax import bench
+
+        return bench.forward_flops(
+            self.net, (batch_size, *config_lib.input_shape(self.config)), self.config.data.text_len
+        )
+
+    def tokens_per_example(self) -> int:
+        from vdit_jax.models import layers
+
+        return int(np.prod(layers.token_grid((1, *config_lib.input_shape(self.config)), self.net.patch_size)))
+
+    # ---------------------------------------------------------------- checks
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
