@@ -19,8 +19,8 @@ BENCH = "--config=configs/bench.py:tiny"
 # Module -> flags its --help must list.
 HELP = {
     "vdit_jax.train": ("--config:", "--workdir:", "--data_dir:", "--num_processes:"),
-    "vdit_jax.sample": ("--workdir:", "--prompt:", "--label:", "--steps:", "--sampler:"),
-    "vdit_jax.evaluate": ("--samples:",),
+    "vdit_jax.sample": ("--workdir:", "--prompt:", "--label:", "--steps:", "--sampler:", "--pipeline:"),
+    "vdit_jax.evaluate": ("--samples:", "--interpolator_run:", "--keyframe_stride:", "--num_given:"),
     "vdit_jax.bench": ("--config:", "--steps:", "--mode:", "--peak_tflops:"),
     "vdit_jax.aot": ("--config:", "--topology:", "--mesh:", "--max_tries:"),
 }
@@ -62,7 +62,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
             [f"--workdir={tmp_path / 'no_run'}"],
             f"error: no checkpoints under '{tmp_path / 'no_run'}'",
         ),
-        "vdit_jax.evaluate": ([], "error: --samples is required; see --help"),
+        "vdit_jax.evaluate": ([], "error: give --samples (generated videos) or --interpolator_run (a training run)"),
         "vdit_jax.bench": (
             ["--config=configs/no_such_config.py"],
             "error: --config: could not load the config file: [Errno 2] No such file or directory",
