@@ -34,17 +34,7 @@ def get_config(arg: str = "tiny"):
         c.data.builder_config = "8x16"
         c.data.video_shape = (8, 16, 16, 3)
         c.model.patch_size = (8, 2, 2)
-        c.model.pos_emb = "sincos+rope"
-        c.model.long_skips = True
-        c.diffusion.prediction = "x0"
-        c.diffusion.min_snr_gamma = 0.0
-        c.train.global_batch_size = 16
-        c.train.num_steps = 4600
-        c.train.learning_rate = 2e-3
-        c.train.warmup_steps = 100
-        c.train.log_every = 200
-        c.train.checkpoint_every = 1000
-        c.sample.guidance = 4.0
+        cpu_recipe(c)
     else:
         c.data.builder_config = "16x64"
         c.data.video_shape = (16, 64, 64, 3)
@@ -60,3 +50,19 @@ def get_config(arg: str = "tiny"):
         c.train.checkpoint_every = 2000
         c.train.sample_every = 5000
     return c
+
+
+def cpu_recipe(c):
+    """The tiny variant's recipe beyond its data and patches (the comments in `get_config` say why each value); the
+    multi-stage configs (configs/multistage.py) use it too."""
+    c.model.pos_emb = "sincos+rope"
+    c.model.long_skips = True
+    c.diffusion.prediction = "x0"
+    c.diffusion.min_snr_gamma = 0.0
+    c.train.global_batch_size = 16
+    c.train.num_steps = 4600
+    c.train.learning_rate = 2e-3
+    c.train.warmup_steps = 100
+    c.train.log_every = 200
+    c.train.checkpoint_every = 1000
+    c.sample.guidance = 4.0

@@ -12,9 +12,9 @@ single        The single-stage baseline: the same DiT recipe on all 16 frames (2
 chains the first two (`vdit_jax.pipeline`).
 """
 
+from configs import moving_shapes as moving_shapes_configs
 from vdit_jax import config as config_lib
 from vdit_jax.data import moving_shapes
-from vdit_jax.models import dit
 from vdit_jax.tasks import interpolator
 
 VARIANTS = ("keyframes", "interpolator", "single")
@@ -43,7 +43,7 @@ def get_config(arg: str = "keyframes"):
         c.diffusion.prediction = "x0"
         c.diffusion.min_snr_gamma = 0.0
         c.train.global_batch_size = 8
-        c.train.num_steps = 2000
+        c.train.num_steps = 6000
         c.train.learning_rate = 1e-3
         c.train.warmup_steps = 100
         c.train.log_every = 100
@@ -51,22 +51,7 @@ def get_config(arg: str = "keyframes"):
         c.sample.steps = 25
         c.sample.guidance = 1.0
         return c
-    c = config_lib.base_config()
-    # The demo's recipe (configs/moving_shapes.py:tiny; its comments say why each value).
-    c.model.update(dit.SIZES["tiny"])
-    c.model.num_classes = c.data.num_classes
-    c.model.label_factors = (len(moving_shapes.COLOUR_NAMES), len(moving_shapes.SHAPES), len(moving_shapes.DIRECTIONS))
-    c.model.pos_emb = "sincos+rope"
-    c.model.long_skips = True
-    c.diffusion.prediction = "x0"
-    c.diffusion.min_snr_gamma = 0.0
-    c.train.global_batch_size = 16
-    c.train.num_steps = 4600
-    c.train.learning_rate = 2e-3
-    c.train.warmup_steps = 100
-    c.train.log_every = 200
-    c.train.checkpoint_every = 1000
-    c.sample.guidance = 4.0
+    c = moving_shapes_configs.get_config("tiny")  # the demo's DiT recipe (configs/moving_shapes.py), here on 16x16
     if variant == "keyframes":
         _data(c, 16 // KEYFRAME_STRIDE + 1, KEYFRAME_STRIDE)
         c.model.patch_size = (4, 2, 2)
