@@ -142,16 +142,18 @@ def test_seams_find_a_jump_and_a_colour_change():
         evaluate.seams(data, [10])
 
 
-def test_the_benchmark_asks_the_task():
-    """`vdit_jax.bench` runs the interpolator's sampling step and loop (no analytic FLOPs: XLA's count only)."""
+@pytest.mark.xdist_group("multistage")
+def test_the_benchmark_asks_the_task(tiny_multistage):
+    """`vdit_jax.bench`'s sample mode runs the interpolator's sampling step and DDIM loop (no analytic FLOPs: XLA's
+    count only); its parameter count comes from the task's init."""
     from vdit_jax import bench
+    from vdit_jax.parallel import mesh as mesh_lib
+    from vdit_jax.parallel import sharding as sh
 
-    config = helpers.tiny_interpolator_config()
-    config.train.global_batch_size = 8  # one segment per fake device
-    config.sample.steps = 2
-    r = bench.run(config, mode="sample", steps=1)
-    assert r["cfg_batch"] == 8 and r["model_flops"] is None and r["mfu"] is None and r["tokens_per_video"] is None
-    assert r["xla_flops"] > 0 and r["ms_per_step"] > 0 and r["loop_ms"] > 0
-    task = tasks.get(config)
-    shapes = jax.eval_shape(lambda r: task.init(r, task.batch_shapes(1)), jax.random.key(0))
-    assert r["params"] == sum(x.size for x in jax.tree.leaves(shapes)) > 0
+    config = tiny_multistage.interp_config  # one device, the sampler compiled by the tests above
+    mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
+    fields, _ = bench.bench_sample(config, mesh, sh.rules_from_config(config.logical_axis_rules), steps=1)
+    assert fields["cfg_batch"] == 4 and fields["model_flops"] is None and fields["xla_flops"] > 0
+    assert fields["loop_steps"] == 10 and fields["loop_ms"] > 0 and min(fields["_times"]) > 0
+    assert bench.num_tokens(config) is None
+    assert bench.param_count(config) == sum(x.size for x in jax.tree.leaves(tiny_multistage.interp_params))
