@@ -9,8 +9,8 @@ uniform in [0, L - g - 2]; the frames s and s + g + 1 are the given keyframes (c
 denoise all of them (the keyframes are copied from the conditioning, the frames between are interpolated, the frames
 outside the window extrapolated), as SVD and Wan's image-to-video models score their given frames too. (Scoring
 only the frames between leaves the other frames' x_t untrained although the sampler evolves them; on the multistage
-config both measured the same at 2,000 steps, README.) So one model fills any gap of 1 .. L - 2 frames. No class or text condition: the keyframes carry the content, and sampling needs no
-classifier-free guidance.
+config both measured the same at 2,000 steps, README.) So one model fills any gap of 1 .. L - 2 frames. No class
+or text condition: the keyframes carry the content, and sampling needs no classifier-free guidance.
 
     task = tasks.get(config)                                   # config.model.kind == "unet_interpolator"
     frames = task.interpolate(params, first, last, gap, rng)   # first, last uint8 [N, H, W, C] -> [N, gap, H, W, C]
