@@ -73,7 +73,7 @@ def test_config_is_validated():
 def test_sharded_over_data_fsdp_tensor_matches_one_device(model):
     """The interpolator task's loss and the U-Net's output on a data x fsdp x tensor mesh of 8 fake devices equal
     one device's."""
-    from tests.interpolator_test import tiny_interpolator_config
+    from tests.helpers import tiny_interpolator_config
     from vdit_jax import tasks
 
     cfg, params = model
