@@ -25,6 +25,13 @@ def tiny_config(**model_overrides):
     return c
 
 
+def randomize(params, seed=0, scale=0.05):
+    """Replaces every parameter (zero-initialised gates included) with noise so outputs are non-trivial."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
 def random_batches(config, n, seed=0):
     """n global batches of random videos in [-1, 1] and labels."""
     b = config.train.global_batch_size

@@ -84,22 +84,15 @@ def test_keyframes_are_kept_exactly_and_every_gap_has_its_shape(tiny_multistage,
     cond = {"given_frames": data.astype(np.float32) / 127.5 - 1.0, "frame_mask": np.zeros((4, 5), bool)}
     cond["frame_mask"][:, [0, 2, 4]] = True  # any mask: three keyframes
     cond["given_frames"][:, 1] = 1.0  # white where not given: must not reach the output
-    out = task.sample(params, cond, jax.random.key(2), sampler=sampler, batch_size=3)
+    out = task.sample(params, cond, jax.random.key(2), sampler=sampler, batch_size=2)  # two chunks, one program
     assert out.shape == data.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(out[:, [0, 2, 4]], data[:, [0, 2, 4]])  # bit for bit
     assert (out[:, 1] < 255).any()  # generated, not copied
     if sampler == "ddim":
-        for gap in (1, 2, 3):
+        for gap in (1, 2, 3):  # segments of 2 again: the program compiled above
             got = task.interpolate(params, data[:2, 0], data[:2, gap + 1], gap, jax.random.key(3))
             assert got.shape == (2, gap, helpers.SIZE, helpers.SIZE, 3)
-        short = tasks.get(helpers.tiny_interpolator_config(frames=3))  # the same parameters fill shorter segments
-        assert short.interpolate(params, data[:2, 0], data[:2, 2], 1, jax.random.key(4)).shape == (
-            2,
-            1,
-            helpers.SIZE,
-            helpers.SIZE,
-            3,
-        )
+        short = tasks.get(helpers.tiny_interpolator_config(frames=3))  # segments of 3 fill gaps of 1 only
         with pytest.raises(ValueError, match=r"gap=2 must be in \[1, 1\]"):
             short.interpolate(params, data[:2, 0], data[:2, 3], 2, jax.random.key(4))
         with pytest.raises(ValueError, match="guidance=3.0: the interpolator is not guided"):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import randomize
 from vdit_jax.models import dit, layers
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
@@ -18,13 +19,6 @@ def tiny(**overrides) -> dit.DiTConfig:
     """A very small DiT for tests; any field can be overridden."""
     base = dict(hidden_size=48, depth=2, num_heads=4, patch_size=(1, 4, 4), num_classes=5)
     return dit.DiTConfig(**{**base, **overrides})
-
-
-def randomize(params, seed=0, scale=0.05):
-    """Replaces every parameter (zero-initialised gates included) with noise so outputs are non-trivial."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 def inputs(shape=VIDEO, seed=1):

@@ -5,7 +5,11 @@ ResNet blocks conditioned on the diffusion timestep, spatial self-attention at t
 ResNet block a temporal layer (attention over the frames at each pixel, or a 1D convolution over time) so every
 frame sees the others (the factorised space-time U-Net of Ho et al. 2022, "Video Diffusion Models"). Normalisation
 is GroupNorm per frame, never across time. Keyframes enter as conditioning channels with a per-frame mask (MCVD,
-Voleti et al. 2022): x_t ++ keyframes ++ mask, so one model fills any gap up to its segment length.
+Voleti et al. 2022): x_t ++ keyframes ++ mask, so one model fills any gap up to its segment length. With
+`bracket_keyframes` (the default) every frame also gets the nearest given frame before it and after it and its
+fractional time between the two, as frame-interpolation networks take both frames and the time t (FILM, Reda et
+al. 2022): a frame between two keyframes then sees both at full resolution instead of only through the temporal
+layers.
 
     net = UNet(unet_config(in_channels=3))
     params = net.init(rng, x_t, t, given_frames, frame_mask)   # x_t, given_frames [B, T, H, W, C]; frame_mask [B, T]
@@ -48,6 +52,8 @@ class UNetConfig:
       num_heads: heads of the spatial and temporal attention.
       temporal: `attention` (over the frames at each position, with sin-cos frame positions) or `conv` (kernel 3).
       num_groups: GroupNorm groups (per frame); every level's width must be divisible by it.
+      bracket_keyframes: also give every frame the given frames around it and its time between them
+        (`bracket_channels`).
       dtype, param_dtype: compute and parameter dtypes.
     """
 
@@ -59,6 +65,7 @@ class UNetConfig:
     num_heads: int = 4
     temporal: str = "attention"
     num_groups: int = 8
+    bracket_keyframes: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -95,6 +102,37 @@ class UNetConfig:
 
 def unet_config(**overrides: Any) -> UNetConfig:
     return UNetConfig(**overrides)
+
+
+def bracket_channels(given_frames: jax.Array, frame_mask: jax.Array) -> jax.Array:
+    """Per frame, the given frames around it: [B, T, H, W, 2C + 3] = the nearest given frame at or before it, the
+    nearest at or after it (zeros where there is none), whether each exists (0 / 1), and its fractional time between
+    them, alpha = (t - before) / (after - before) (0 on a given frame or without both).
+
+    given_frames: float [B, T, H, W, C]; frame_mask: bool [B, T] (True = given).
+    """
+    b, t = frame_mask.shape
+    idx = jnp.arange(t)[None, :]
+    before = jax.lax.cummax(jnp.where(frame_mask, idx, -1), axis=1)  # [B, T]; -1 = none
+    after = jax.lax.cummin(jnp.where(frame_mask, idx, t), axis=1, reverse=True)  # t = none
+    has_before, has_after = before >= 0, after < t
+
+    def gather(index, has):
+        frames = jnp.take_along_axis(given_frames, jnp.clip(index, 0, t - 1)[:, :, None, None, None], axis=1)
+        return frames * has[:, :, None, None, None].astype(frames.dtype)
+
+    both = has_before & has_after
+    alpha = jnp.where(both & (after > before), (idx - before) / jnp.maximum(after - before, 1), 0.0)
+    scalars = jnp.stack([has_before, has_after, alpha], -1).astype(jnp.float32)  # [B, T, 3]
+    shape = (*given_frames.shape[:-1], 3)
+    return jnp.concatenate(
+        [
+            gather(before, has_before).astype(jnp.float32),
+            gather(after, has_after).astype(jnp.float32),
+            jnp.broadcast_to(scalars[:, :, None, None, :], shape),
+        ],
+        -1,
+    )
 
 
 def _conv(features, kernel, axes, *, dtype, param_dtype, strides=1, zero_init=False, name=None) -> nn.Conv:
@@ -225,7 +263,12 @@ class UNet(nn.Module):
             )
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
-        x = jnp.concatenate([x.astype(jnp.float32), layers.frame_channels(given_frames, frame_mask, x.shape)], -1)
+        channels = [x.astype(jnp.float32), layers.frame_channels(given_frames, frame_mask, x.shape)]
+        if cfg.bracket_keyframes:
+            if given_frames is None:
+                given_frames, frame_mask = jnp.zeros_like(x), jnp.zeros(x.shape[:2], bool)
+            channels.append(bracket_channels(given_frames.astype(jnp.float32), frame_mask))
+        x = jnp.concatenate(channels, -1)
         x = nn.with_logical_constraint(x, (sh.BATCH, None, None, None, None))
         h = x.reshape(b * frames, hh, ww, x.shape[-1]).astype(dtype)  # frames folded into the batch
 
