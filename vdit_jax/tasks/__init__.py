@@ -70,6 +70,23 @@ class Task(abc.ABC):
     def sample(self, params: Any, cond: dict[str, Any], rng: jax.Array, **options) -> np.ndarray:
         """Generates one output per condition row (see the task's docstring for `cond` and `options`)."""
 
+    def sampler_options(self, sampler=None, steps=None, eta=None, guidance=None, clip_x0=None) -> tuple:
+        """(sampler, steps, eta, guidance, clip_x0) with each None taken from `config.sample`. Raises ValueError for
+        a sampler that is not one of `config.SAMPLERS`."""
+        from vdit_jax import config as config_lib  # config imports this module
+
+        s = self.config.sample
+        sampler = s.sampler if sampler is None else sampler
+        if sampler not in config_lib.SAMPLERS:
+            raise ValueError(f"sampler {sampler!r} is not one of {list(config_lib.SAMPLERS)}")
+        return (
+            sampler,
+            s.steps if steps is None else steps,
+            s.eta if eta is None else eta,
+            s.guidance if guidance is None else guidance,
+            s.clip_x0 if clip_x0 is None else clip_x0,
+        )
+
     @abc.abstractmethod
     def sample_conditions(self, data_dir, num: int, seed: int) -> dict[str, Any]:
         """`num` conditions for training-time samples: `sample`'s `cond` plus "captions" (list of str)."""

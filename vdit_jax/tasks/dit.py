@@ -174,14 +174,7 @@ class DiTTask(tasks.Task):
         """N videos, one per row of `cond` (see `inference.sample`, which documents every argument). With
         "given_frames" (float [N, T, H, W, C], the model's input space) and "frame_mask" (bool [N, T]) in `cond`, a
         frame-conditioned model generates the other frames and the output holds the given ones exactly."""
-        s = self.config.sample
-        sampler = s.sampler if sampler is None else sampler
-        steps = s.steps if steps is None else steps
-        eta = s.eta if eta is None else eta
-        guidance = s.guidance if guidance is None else guidance
-        clip_x0 = s.clip_x0 if clip_x0 is None else clip_x0
-        if sampler not in config_lib.SAMPLERS:
-            raise ValueError(f"sampler {sampler!r} is not one of {list(config_lib.SAMPLERS)}")
+        sampler, steps, eta, guidance, clip_x0 = self.sampler_options(sampler, steps, eta, guidance, clip_x0)
         net = self.net
         labels, text, text_mask = cond.get("label"), cond.get("text"), cond.get("text_mask")
         if net.text_dim:
@@ -250,7 +243,9 @@ class DiTTask(tasks.Task):
             if sampler == "ddim":
                 x = diffusion.ddim_sample(model_fn, self.sched, (n, *shape), key, num_steps=steps, eta=eta, **kw)
             else:
-                x = diffusion.ddpm_sample(model_fn, self.sched, (n, *shape), key, variance=s.ddpm_variance, **kw)
+                x = diffusion.ddpm_sample(
+                    model_fn, self.sched, (n, *shape), key, variance=self.config.sample.ddpm_variance, **kw
+                )
             if given is not None:  # the given frames, exactly
                 x = jnp.where(jnp.asarray(frame_mask[rows])[:, :, None, None, None], jnp.asarray(given[rows]), x)
             out.append(to_uint8(x) if net.in_channels == 3 else np.asarray(x, np.float32))

@@ -161,15 +161,9 @@ class InterpolatorTask(tasks.Task):
         keys (labels, captions) are ignored. `guidance` must be None or 1: the interpolator has no null condition.
         Raises ValueError for conditions of another shape or a sampler that does not exist.
         """
-        s = self.config.sample
-        sampler = s.sampler if sampler is None else sampler
-        steps = s.steps if steps is None else steps
-        eta = s.eta if eta is None else eta
-        clip_x0 = s.clip_x0 if clip_x0 is None else clip_x0
-        if sampler not in config_lib.SAMPLERS:
-            raise ValueError(f"sampler {sampler!r} is not one of {list(config_lib.SAMPLERS)}")
         if guidance not in (None, 1, 1.0):
             raise ValueError(f"guidance={guidance}: the interpolator is not guided (it has no null condition); use 1")
+        sampler, steps, eta, _, clip_x0 = self.sampler_options(sampler, steps, eta, 1.0, clip_x0)
         shape = config_lib.input_shape(self.config)
         given, frame_mask = cond.get("given_frames"), cond.get("frame_mask")
         if given is None or frame_mask is None:
@@ -196,7 +190,12 @@ class InterpolatorTask(tasks.Task):
                 )
             else:
                 x = diffusion.ddpm_sample(
-                    model_fn, self.sched, (n, *shape), key, variance=s.ddpm_variance, clip_x0=clip_x0 or None
+                    model_fn,
+                    self.sched,
+                    (n, *shape),
+                    key,
+                    variance=self.config.sample.ddpm_variance,
+                    clip_x0=clip_x0 or None,
                 )
             x = jnp.where(row_cond["frame_mask"][:, :, None, None, None], row_cond["given_frames"], x)
             out.append(dit_task.to_uint8(x) if self.net.in_channels == 3 else np.asarray(x, np.float32))
