@@ -20,7 +20,7 @@ BENCH = "--config=configs/bench.py:tiny"
 HELP = {
     "vdit_jax.train": ("--config:", "--workdir:", "--data_dir:", "--num_processes:"),
     "vdit_jax.sample": ("--workdir:", "--prompt:", "--label:", "--steps:", "--sampler:", "--pipeline:"),
-    "vdit_jax.evaluate": ("--samples:", "--interpolator_run:", "--keyframe_stride:", "--num_given:"),
+    "vdit_jax.evaluate": ("--samples:", "--interpolator_run:", "--keyframe_stride:", "--num_given:", "--ddim_steps:"),
     "vdit_jax.bench": ("--config:", "--steps:", "--mode:", "--peak_tflops:"),
     "vdit_jax.aot": ("--config:", "--topology:", "--mesh:", "--max_tries:"),
 }

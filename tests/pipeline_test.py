@@ -72,6 +72,10 @@ def test_the_pipeline_refuses_stages_that_do_not_fit(tiny_multistage):
         sample.run(m.keyframe_dir, **OPTIONS, pipeline="keyframes+interpolate", interpolator=m.keyframe_dir)
     with pytest.raises(cli.UsageError, match="is a 'dit' run, not a frame interpolator"):
         evaluate.run(None, interpolator=str(m.keyframe_dir))
+    with pytest.raises(cli.UsageError, match=r"--ddim_steps=0 must be in \[1, 100\]"):
+        evaluate.run(None, interpolator=str(m.interp_dir), steps=0)
+    with pytest.raises(cli.UsageError, match="--ddim_steps is for --interpolator_run"):
+        evaluate.run("samples.npz", steps=3)
     k_config, k_params, _ = inference.load(m.keyframe_dir)
     short = helpers.tiny_interpolator_config(frames=4)  # segments of 4 frames cannot fill gaps of 3
     with pytest.raises(

@@ -6,8 +6,9 @@ The npz holds `videos` uint8 [N, T, H, W, 3] and `prompts` (N moving_shapes capt
 (continuations) the colour / shape / direction / consistency of the generated frames only and the step from the last
 given frame to the first generated one.
 
-`python -m vdit_jax.evaluate --interpolator_run=runs/interp [--num_clips=256]` -> PSNR / SSIM of the interpolator's
-frames per gap on the test split, with the linear-blending and nearest-keyframe baselines (one JSON line).
+`python -m vdit_jax.evaluate --interpolator_run=runs/interp [--num_clips=256] [--ddim_steps=K]` -> PSNR / SSIM of the
+interpolator's frames per gap on the test split (DDIM, K steps), with the linear-blending and nearest-keyframe
+baselines (one JSON line).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ _GIVEN = flags.DEFINE_integer(
 )
 _INTERPOLATOR = flags.DEFINE_string("interpolator_run", None, "An interpolator's training run: PSNR/SSIM per gap.")
 _NUM = flags.DEFINE_integer("num_clips", 256, "--interpolator_run: test clips per gap.")
+_STEPS = flags.DEFINE_integer(
+    "ddim_steps",
+    None,
+    "--interpolator_run: DDIM steps (default: the run's config.sample.steps); 1 gives the model's x0 estimate "
+    "from pure noise (its posterior mean: the blurriest output and the highest PSNR).",
+)
 _DATA_DIR = flags.DEFINE_string(
     "test_data_dir", None, "--interpolator_run: the local data dir (default as in training)."
 )
@@ -73,13 +80,17 @@ def seam_steps(num_frames: int, keyframe_stride: int | None = None, given_frames
     return [given_frames - 1]
 
 
-def run(samples: str | None, keyframe_stride=None, given_frames=None, interpolator=None, num=256, data_dir=None):
+def run(
+    samples: str | None, keyframe_stride=None, given_frames=None, interpolator=None, num=256, data_dir=None, steps=None
+):
     from vdit_jax.data import evaluate
 
     if (samples is None) == (interpolator is None):
         raise cli.UsageError("give --samples (generated videos) or --interpolator_run (a training run), one of them")
     if interpolator is not None:
-        return _run_interpolator(interpolator, num, data_dir)
+        return _run_interpolator(interpolator, num, data_dir, steps)
+    if steps is not None:
+        raise cli.UsageError("--ddim_steps is for --interpolator_run (generated --samples are already sampled)")
     if keyframe_stride is not None and given_frames is not None:
         raise cli.UsageError("give --keyframe_stride or --num_given, not both")
     videos, prompts = load_samples(samples)
@@ -102,7 +113,7 @@ def run(samples: str | None, keyframe_stride=None, given_frames=None, interpolat
     return metrics
 
 
-def _run_interpolator(workdir, num: int, data_dir) -> dict:
+def _run_interpolator(workdir, num: int, data_dir, steps=None) -> dict:
     from vdit_jax import inference, tasks
     from vdit_jax.data import sources
 
@@ -112,8 +123,12 @@ def _run_interpolator(workdir, num: int, data_dir) -> dict:
     task = tasks.get(config)
     if not hasattr(task, "evaluate"):
         raise cli.UsageError(f"--interpolator_run={workdir!r} is a {config.model.kind!r} run, not a frame interpolator")
-    result = task.evaluate(params, data_dir or config.data.data_dir or sources.default_data_dir(), num=num)
-    out = {"step": step, "num_clips": num, "gaps": {str(g): v for g, v in result.items()}}
+    steps = config.sample.steps if steps is None else steps
+    if not 1 <= steps <= config.diffusion.num_timesteps:
+        raise cli.UsageError(f"--ddim_steps={steps} must be in [1, {config.diffusion.num_timesteps}]")
+    data_dir = data_dir or config.data.data_dir or sources.default_data_dir()
+    result = task.evaluate(params, data_dir, num=num, sampler="ddim", steps=steps)
+    out = {"step": step, "num_clips": num, "ddim_steps": steps, "gaps": {str(g): v for g, v in result.items()}}
     print(json.dumps(out))
     return out
 
@@ -129,6 +144,7 @@ def main(argv):
         interpolator=_INTERPOLATOR.value,
         num=_NUM.value,
         data_dir=_DATA_DIR.value,
+        steps=_STEPS.value,
     )
 
 
