@@ -111,7 +111,7 @@ def bracket_channels(given_frames: jax.Array, frame_mask: jax.Array) -> jax.Arra
 
     given_frames: float [B, T, H, W, C]; frame_mask: bool [B, T] (True = given).
     """
-    b, t = frame_mask.shape
+    t = frame_mask.shape[1]
     idx = jnp.arange(t)[None, :]
     before = jax.lax.cummax(jnp.where(frame_mask, idx, -1), axis=1)  # [B, T]; -1 = none
     after = jax.lax.cummin(jnp.where(frame_mask, idx, t), axis=1, reverse=True)  # t = none
