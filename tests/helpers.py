@@ -1,6 +1,7 @@
 """Shared test helpers: tiny configs built from the base config with overrides (never a production config)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vdit_jax import config as config_lib
@@ -26,10 +27,10 @@ def tiny_config(**model_overrides):
 
 
 def randomize(params, seed=0, scale=0.05):
-    """Replaces every parameter (zero-initialised gates included) with noise so outputs are non-trivial."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    """Replaces every parameter (zero-initialised gates included) with noise so outputs are non-trivial. Drawn by
+    NumPy on the host: jax.random would compile a draw per leaf shape (seconds for a DiT)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), params)
 
 
 def random_batches(config, n, seed=0):

@@ -1,5 +1,7 @@
 """Spacetime DiT: shapes, adaLN-Zero init, layouts, position information, scan/remat, sharding."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -29,6 +31,7 @@ def inputs(shape=VIDEO, seed=1):
     return x, t, labels
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compiled forward per config, not hundreds of eager ops
 def apply(cfg, params, x, t, labels):
     return dit.DiT(cfg).apply(params, x, t, labels)
 

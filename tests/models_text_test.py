@@ -265,7 +265,7 @@ def test_sample_text_model_returns_latents_and_ignores_padding():
     config.data.video_shape = (4, 8, 8, 4)
     config.sample.update(steps=2, guidance=3.0, clip_x0=0.0)
     shape = (1, *config_lib.input_shape(config))
-    params = nn.unbox(randomize(init(config_lib.model_config(config), jax.random.key(0), shape)))["params"]
+    params = nn.unbox(randomize(init(config_lib.model_config(config), jax.random.key(0), shape), scale=0.2))["params"]
     text = np.asarray(jax.random.normal(jax.random.key(1), (3, TEXT_LEN, TEXT_DIM)))
     mask = np.arange(TEXT_LEN)[None] < np.array([[5], [2], [3]])
     out = inference.sample(config, params, None, jax.random.key(2), text=text, text_mask=mask)

@@ -390,6 +390,10 @@ def init_params(config: DiTConfig, rng: jax.Array, video_shape: tuple[int, ...])
     """
     model = DiT(config)
     b = video_shape[0]
-    labels = jnp.zeros((b,), jnp.int32) if config.num_classes else None
-    text = jnp.zeros((b, 1, config.text_dim), jnp.float32) if config.text_dim else None
-    return model.init(rng, jnp.zeros(video_shape, jnp.float32), jnp.zeros((b,), jnp.int32), labels, text)
+
+    def init(rng):
+        labels = jnp.zeros((b,), jnp.int32) if config.num_classes else None
+        text = jnp.zeros((b, 1, config.text_dim), jnp.float32) if config.text_dim else None
+        return model.init(rng, jnp.zeros(video_shape, jnp.float32), jnp.zeros((b,), jnp.int32), labels, text)
+
+    return jax.jit(init)(rng)  # one compiled program, not hundreds of eager ops
