@@ -233,7 +233,7 @@ def test_factored_labels_sum_one_embedding_per_digit():
     # The DiT takes it through its config: same output shape, a different function of the label than one table.
     cfg = tiny(num_classes=84, label_factors=(7, 3, 4))
     x, t, _ = inputs()
-    variables = randomize(nn.unbox(dit.DiT(cfg).init(jax.random.key(0), x, t, labels[:2])))
+    variables = randomize(nn.unbox(dit.init_params(cfg, jax.random.key(0), x.shape)))
     a, b = (apply(cfg, variables, x, t, jnp.array(lab)) for lab in ([0, 8], [1, 9]))
     assert a.shape == x.shape and float(jnp.abs(a - b).max()) > 1e-4
 
