@@ -355,6 +355,7 @@ class CrossAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     implementation: str = "auto"  # attention.IMPLEMENTATIONS
+    query_axis: str = sh.LENGTH  # logical axis of the queries' tokens (sh.TEXT_LENGTH: text attending to text)
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None = None) -> jax.Array:
@@ -367,7 +368,7 @@ class CrossAttention(nn.Module):
             y = dense(d, (sh.EMBED, sh.HEADS), name=name, **kw)(src).reshape(b, tokens, self.num_heads, head_dim)
             return nn.with_logical_constraint(y, (sh.BATCH, length_axis, sh.ACT_HEADS, sh.ACT_KV))
 
-        q = heads("query", x, n, sh.LENGTH)  # [B, N, heads, Dh]
+        q = heads("query", x, n, self.query_axis)  # [B, N, heads, Dh]
         k = heads("key", context, length, sh.TEXT_LENGTH)  # [B, L, heads, Dh]
         v = heads("value", context, length, sh.TEXT_LENGTH)
         if self.qk_norm:
@@ -385,10 +386,10 @@ class CrossAttention(nn.Module):
             v,
             kv_mask=context_mask,
             implementation=self.implementation,
-            q_axes=(sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV),
+            q_axes=(sh.BATCH, self.query_axis, sh.ACT_HEADS, sh.ACT_KV),
             kv_axes=(sh.BATCH, sh.TEXT_LENGTH, sh.ACT_HEADS, sh.ACT_KV),
         )  # [B, N, heads, Dh]
-        out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, sh.ACT_HEADS, sh.ACT_KV)).reshape(b, n, d)
+        out = nn.with_logical_constraint(out, (sh.BATCH, self.query_axis, sh.ACT_HEADS, sh.ACT_KV)).reshape(b, n, d)
         return dense(d, (sh.HEADS, sh.EMBED), zero_init=True, name="out", **kw)(out)
 
 
