@@ -72,3 +72,39 @@ def test_encoder_ignores_padding_and_reads_the_prompt(encoder):
     assert (np.abs(out[0, :6] - out[1, :6]).max(axis=-1) > 1e-4).all()
     with pytest.raises(ValueError, match=r"tokens must be int \[B, L <= 12\]"):
         apply(params, *tok.encode(prompts, 13))
+
+
+def test_dit_with_the_built_in_encoder_reads_prompts_ignores_padding_and_shares_the_null():
+    """A DiT with `text_vocab` takes tokens: its output depends on the prompt, not on how far it is padded; caption
+    dropout (`drop_text`) and the sampler's unconditional branch (`null_text`) use the same null: the empty prompt."""
+    from tests.models_dit_test import inputs, tiny
+    from vdit_jax.models import dit
+
+    cfg = tiny(num_classes=0, text_dim=16, text_vocab=VOCAB, text_max_len=12)
+    tok = text.Tokenizer(cfg.text_vocab)
+    x, t, _ = inputs()
+    params = randomize(nn.unbox(dit.init_params(cfg, jax.random.key(0), x.shape)), scale=0.2)
+    assert "text_encoder" in params["params"]
+    fwd = jax.jit(lambda p, tokens, mask: dit.DiT(cfg).apply(p, x, t, None, tokens, None, mask))
+    prompts = ["a red square moving up", "a blue square moving up"]
+    out = fwd(params, *tok.encode(prompts, 8))
+    np.testing.assert_allclose(fwd(params, *tok.encode(prompts, 12)), out, atol=1e-5)  # padded further: the same
+    swapped = fwd(params, *tok.encode(prompts[::-1], 8))  # the same videos, the other prompt: another output
+    assert float(jnp.abs(swapped[0] - out[0]).max()) > 1e-4
+    # One null for training and sampling: the empty prompt.
+    null, null_mask = dit.null_text(2, 8, cfg.text_dim, builtin=True)
+    np.testing.assert_array_equal(null, tok.null(2, 8)[0])
+    np.testing.assert_array_equal(null_mask, tok.null(2, 8)[1])
+    tokens, mask = tok.encode(prompts, 8)
+    dropped, dropped_mask = dit.drop_text(jax.random.key(0), jnp.asarray(tokens), 1.0, jnp.asarray(mask))
+    np.testing.assert_array_equal(dropped, null)
+    np.testing.assert_array_equal(dropped_mask, null_mask)
+    kept, kept_mask = dit.drop_text(jax.random.key(0), jnp.asarray(tokens), 0.0, jnp.asarray(mask))
+    np.testing.assert_array_equal(kept, tokens)
+    np.testing.assert_array_equal(kept_mask, mask)
+    with pytest.raises(ValueError, match=r"built-in text encoder: pass text as int tokens \[B, L\]"):
+        dit.DiT(cfg).apply(params, x, t, None, jnp.zeros((2, 8, 16)))
+    with pytest.raises(ValueError, match="needs text_dim \\(its width\\) > 0"):
+        tiny(num_classes=0, text_vocab=VOCAB)
+    with pytest.raises(ValueError, match="text_vocab: a vocabulary is distinct lower-case words"):
+        tiny(num_classes=0, text_dim=16, text_vocab=("Red",))

@@ -138,6 +138,7 @@ def model_config(config: ml_collections.ConfigDict) -> dit.DiTConfig:
     m["patch_size"] = tuple(m["patch_size"])
     m["windows"] = tuple(tuple(w) for w in m["windows"])
     m["label_factors"] = tuple(m["label_factors"])
+    m["text_vocab"] = tuple(m.get("text_vocab", ()))
     return dit.DiTConfig(**m)
 
 
@@ -205,6 +206,7 @@ _LEAF_TYPES = {
     "model.out_channels": ("None or an int", lambda v: v is None or _is_int(v)),
     "model.channel_mults": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
     "model.attention_levels": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
+    "model.text_vocab": ("a tuple of words", lambda v: _is_seq(v, lambda w: isinstance(w, str))),
     "logical_axis_rules": ("a tuple of (logical_name, mesh_axes) pairs", lambda v: _is_seq(v, _is_rule)),
 }
 _BASE_TYPES = {

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit_jax.models import attention, layers
+from vdit_jax.models import text as text_lib
 from vdit_jax.models.layers import Grid
 from vdit_jax.parallel import sharding as sh
 
@@ -52,6 +53,13 @@ class DiTConfig:
     # (moving_shapes: colour x shape x direction = (7, 3, 4)) are learned from every class that has them.
     label_factors: tuple[int, ...] = ()
     text_dim: int = 0  # 0: no text; else width of precomputed text embeddings [B, L, text_dim] (cross-attention)
+    # The built-in text encoder (`vdit_jax.models.text`), trained with the DiT: non-empty = its word vocabulary, and
+    # `text` is then int32 tokens [B, L <= text_max_len] that a `text_encoder_depth`-block transformer of width
+    # text_dim encodes (instead of precomputed embeddings).
+    text_vocab: tuple[str, ...] = ()
+    text_encoder_depth: int = 2
+    text_encoder_heads: int = 2
+    text_max_len: int = 16
     attention: str = "full"  # full / factorized / windowed
     # windowed only: spacetime windows in tokens (t, h, w), coarse to fine; depth is split evenly across them.
     windows: tuple[tuple[int, int, int], ...] = ((4, 8, 8), (2, 4, 4))
@@ -105,6 +113,19 @@ class DiTConfig:
             )
         if self.text_dim < 0:
             fail(f"text_dim must be >= 0 (0 = no text conditioning), got {self.text_dim}")
+        for name, least in (("text_encoder_depth", 1), ("text_encoder_heads", 1), ("text_max_len", 2)):
+            if int(getattr(self, name)) < least:
+                fail(f"{name} must be >= {least} (text_max_len: <bos> and a word), got {getattr(self, name)}")
+        if self.text_vocab:
+            try:
+                text_lib.Tokenizer(self.text_vocab)
+            except ValueError as e:
+                fail(f"text_vocab: {e}")
+            if not self.text_dim or self.text_dim % self.text_encoder_heads:
+                fail(
+                    f"the built-in text encoder needs text_dim (its width) > 0 and divisible by text_encoder_heads "
+                    f"{self.text_encoder_heads}, got {self.text_dim}"
+                )
         if self.attention not in layers.ATTENTION_LAYOUTS:
             fail(f"attention {self.attention!r} is not one of {layers.ATTENTION_LAYOUTS}")
         if self.pos_emb not in layers.POS_EMBEDDINGS:
@@ -243,7 +264,10 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects video [B, T, H, W, {cfg.in_channels}], got shape {tuple(x.shape)}")
         if cfg.num_classes and labels is None:
             raise ValueError("this DiT is class-conditional (num_classes > 0): pass labels")
-        if cfg.text_dim and (text is None or text.ndim != 3 or text.shape[-1] != cfg.text_dim):
+        if cfg.text_vocab and (text is None or text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer)):
+            got = None if text is None else f"{text.dtype} {tuple(text.shape)}"
+            raise ValueError(f"this DiT has the built-in text encoder: pass text as int tokens [B, L], got {got}")
+        if cfg.text_dim and not cfg.text_vocab and (text is None or text.ndim != 3 or text.shape[-1] != cfg.text_dim):
             got = None if text is None else tuple(text.shape)
             raise ValueError(f"this DiT is text-conditional: pass text [B, L, {cfg.text_dim}], got {got}")
         if cfg.text_dim and text_mask is not None and (text_mask.shape != text.shape[:2] or text_mask.dtype != bool):
@@ -287,6 +311,17 @@ class DiT(nn.Module):
             )(labels)
         c = nn.with_logical_constraint(c, (sh.BATCH, sh.ACT_EMBED))
         context = context_mask = None
+        if cfg.text_vocab:  # tokens -> [B, L, text_dim]; the padding (mask False) gives and gets no attention
+            text_mask = text != text_lib.PAD if text_mask is None else text_mask
+            text = text_lib.TextEncoder(
+                len(cfg.text_vocab) + len(text_lib.SPECIAL),
+                width=cfg.text_dim,
+                depth=cfg.text_encoder_depth,
+                num_heads=cfg.text_encoder_heads,
+                max_len=cfg.text_max_len,
+                name="text_encoder",
+                **kw,
+            )(text, text_mask)
         if cfg.text_dim:
             context = layers.TextEmbedder(cfg.hidden_size, name="text_embed", **kw)(text)  # [B, L, D]
             context_mask = text_mask
@@ -358,12 +393,17 @@ def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, num_classes: int
     return jnp.where(drop, num_classes, labels).astype(labels.dtype)
 
 
-def null_text(batch: int, length: int, text_dim: int) -> tuple[jax.Array, jax.Array]:
-    """The null text of classifier-free guidance: zero embeddings [B, L, E] with the mask all True [B, L].
+def null_text(batch: int, length: int, text_dim: int, builtin: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The null text of classifier-free guidance, for precomputed embeddings: zero embeddings [B, L, E] with the
+    mask all True [B, L]; for the built-in encoder (`builtin`): the tokens of the empty prompt, `<bos>` alone
+    (int32 [B, L], mask True at position 0 only: `text.Tokenizer.null`).
 
-    All L tokens are real and equal, so the cross-attention reads the same context vector whatever L is (the null
-    text does not depend on the length), and no key is ever masked out entirely.
+    Either way the null does not depend on L (all L zero tokens are real and equal, so the cross-attention reads the
+    same context vector; or the padding is masked), and no key is ever masked out entirely.
     """
+    if builtin:
+        tokens = jnp.zeros((batch, length), jnp.int32).at[:, 0].set(text_lib.BOS)
+        return tokens, tokens != text_lib.PAD
     return jnp.zeros((batch, length, text_dim), jnp.float32), jnp.ones((batch, length), bool)
 
 
@@ -377,6 +417,11 @@ def drop_text(
     mask None when none was given (all tokens real).
     """
     drop = jax.random.bernoulli(rng, rate, text.shape[:1])
+    if jnp.issubdtype(text.dtype, jnp.integer):  # built-in encoder tokens [B, L]: the empty prompt
+        null, null_mask = null_text(*text.shape, 0, builtin=True)
+        text = jnp.where(drop[:, None], null, text)
+        mask = text != text_lib.PAD if text_mask is None else jnp.where(drop[:, None], null_mask, text_mask)
+        return text, mask
     text = jnp.where(drop[:, None, None], jnp.zeros_like(text), text)
     if text_mask is not None:
         text_mask = text_mask | drop[:, None]
@@ -394,6 +439,8 @@ def init_params(config: DiTConfig, rng: jax.Array, video_shape: tuple[int, ...])
     def init(rng):
         labels = jnp.zeros((b,), jnp.int32) if config.num_classes else None
         text = jnp.zeros((b, 1, config.text_dim), jnp.float32) if config.text_dim else None
+        if config.text_vocab:
+            text = jnp.full((b, 1), text_lib.BOS, jnp.int32)
         return model.init(rng, jnp.zeros(video_shape, jnp.float32), jnp.zeros((b,), jnp.int32), labels, text)
 
     return jax.jit(init)(rng)  # one compiled program, not hundreds of eager ops
