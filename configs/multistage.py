@@ -47,7 +47,9 @@ def get_config(arg: str = "keyframes"):
         c.diffusion.prediction = "x0"
         c.diffusion.min_snr_gamma = 0.0
         c.train.global_batch_size = 8
-        c.train.num_steps = 6000
+        # The README's run: 6,000 steps, then resumed to 10,000 (the schedule stretched at 6,000); PSNR still rose
+        # (+1.6 dB at g = 3 sampled with DDIM-25).
+        c.train.num_steps = 10000
         c.train.learning_rate = 1e-3
         c.train.warmup_steps = 100
         c.train.log_every = 100
