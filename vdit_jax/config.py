@@ -138,7 +138,7 @@ def model_config(config: ml_collections.ConfigDict) -> dit.DiTConfig:
     m["patch_size"] = tuple(m["patch_size"])
     m["windows"] = tuple(tuple(w) for w in m["windows"])
     m["label_factors"] = tuple(m["label_factors"])
-    m["text_vocab"] = tuple(m.get("text_vocab", ()))
+    m["text_vocab"] = tuple(m["text_vocab"])
     return dit.DiTConfig(**m)
 
 
