@@ -314,7 +314,7 @@ class DiT(nn.Module):
         if cfg.text_vocab:  # tokens -> [B, L, text_dim]; the padding (mask False) gives and gets no attention
             text_mask = text != text_lib.PAD if text_mask is None else text_mask
             text = text_lib.TextEncoder(
-                len(cfg.text_vocab) + len(text_lib.SPECIAL),
+                text_lib.Tokenizer(cfg.text_vocab).vocab_size,
                 width=cfg.text_dim,
                 depth=cfg.text_encoder_depth,
                 num_heads=cfg.text_encoder_heads,

@@ -1,7 +1,7 @@
 """The built-in text path: a word-level tokenizer and a small transformer text encoder trained with the DiT.
 
-No downloaded weights: the vocabulary is the words of the dataset's captions (moving_shapes:
-`moving_shapes.VOCABULARY`), stored in the run's config (`model.text_vocab`) so a checkpoint carries it.
+No downloaded weights: the vocabulary is the words of the dataset's captions (moving_shapes: "a", the colours, the
+shapes, "moving", the directions), stored in the run's config (`model.text_vocab`) so a checkpoint carries it.
 
     tok = Tokenizer(("a", "cyan", "triangle", "moving", "up"))
     tokens, mask = tok.encode(["a cyan triangle moving up"], length=8)    # int32 [1, 8], bool [1, 8]
