@@ -147,9 +147,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, data_dir, tr
         _train_cmd(workdir, data_dir, *TRAINED, f"--config.train.num_steps={end}", "--config.train.sample_num=0")
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = [line for line in proc.stderr.splitlines() if line.startswith("W") and "checkpoint" in line]
-    want = f"Checkpoint at step {TRAINED_STEPS} "
-    assert any(want in line and "unreadable" in line for line in warnings), proc.stderr[-3000:]
+    # A regex over the whole stderr, not line starts: when the corrupt read fails, tensorstore's pending reads print
+    # "Event loop is closed" tracebacks from their threads (upstream noise), which can interleave with our warning.
+    warned = re.search(rf"W\d{{4}} [^\n]*Checkpoint at step {TRAINED_STEPS} in [^\n]* is unreadable", proc.stderr)
+    assert warned, proc.stderr[-3000:]
     assert "resumed from step 18" in proc.stderr, proc.stderr[-3000:]
     assert os.path.isdir(workdir / "checkpoints" / f"{TRAINED_STEPS}.corrupt")  # kept for the user, never deleted
     assert max(_losses(workdir)) == end
