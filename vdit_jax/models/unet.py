@@ -191,8 +191,14 @@ def _attention(x: jax.Array, num_heads: int, cfg: UNetConfig, name: str) -> jax.
     g, n, c = x.shape
     y = layers.layer_norm(kw["dtype"], name=f"{name}_norm")(x)
     qkv = layers.dense(3 * c, (sh.EMBED, sh.MLP), name=f"{name}_qkv", **kw)(y)
-    q, k, v = jnp.split(qkv.reshape(g, n, 3 * num_heads, c // num_heads), 3, axis=2)
-    y = jax.nn.dot_product_attention(q, k, v).reshape(g, n, c)
+    q, k, v = jnp.split(qkv.reshape(g, n, 3 * num_heads, c // num_heads).swapaxes(1, 2), 3, axis=1)  # [G, h, N, d]
+    # Plain einsums with the heads ahead of the tokens: on XLA's CPU backend (jax 0.10) jax.nn.dot_product_attention
+    # in its [G, N, h, d] layout took 44.6 ms against 7.3 ms this way over one 16x16 level of configs/multistage.py
+    # (48 frames x 256 tokens x 16), and the whole U-Net's forward (batch 8 x 6 frames) 170 -> 109 ms (median of 8);
+    # its gradient measured the same either way (485 / 501 ms).
+    scores = jnp.einsum("ghnd,ghmd->ghnm", q, k) / np.sqrt(c // num_heads).astype(q.dtype)
+    y = jnp.einsum("ghnm,ghmd->ghnd", jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype), v)
+    y = y.swapaxes(1, 2).reshape(g, n, c)
     return x + layers.dense(c, (sh.MLP, sh.EMBED), zero_init=True, name=f"{name}_out", **kw)(y)
 
 
