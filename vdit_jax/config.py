@@ -51,7 +51,12 @@ def base_config(kind: str = "dit") -> ml_collections.ConfigDict:
     c.data.feature_key = "video"
     c.data.label_key = "label"  # '' for an unconditional dataset
     c.data.num_classes = 84  # 0 = unconditional
-    c.data.text_len = 0  # tokens of precomputed text embeddings per example (batch["text"]); 0 = no text
+    # Text tokens per example; 0 = no text. Precomputed embeddings: the dataset's `text` [L, text_dim] and
+    # `text_mask`; the built-in encoder (model.text_vocab): `tokens` [L] and `text_mask` from the `caption`.
+    c.data.text_len = 0
+    # Labels whose records the training split leaves out (held-out classes or colour x shape x direction
+    # combinations; other splits keep them); needs data.label_key.
+    c.data.exclude_labels = ()
     c.data.video_shape = (16, 32, 32, 3)  # (T, H, W, C) as stored
     c.data.num_frames = 0  # temporal crop length; 0 = all frames
     c.data.frame_stride = 1
@@ -206,6 +211,7 @@ _LEAF_TYPES = {
     "model.out_channels": ("None or an int", lambda v: v is None or _is_int(v)),
     "model.channel_mults": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
     "model.attention_levels": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
+    "data.exclude_labels": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
     "model.text_vocab": ("a tuple of words", lambda v: _is_seq(v, lambda w: isinstance(w, str))),
     "logical_axis_rules": ("a tuple of (logical_name, mesh_axes) pairs", lambda v: _is_seq(v, _is_rule)),
 }
@@ -311,6 +317,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         da.num_classes == 0 or da.label_key != "",
         f"config.data.label_key='' (no labels) but config.data.num_classes={da.num_classes}: a class-conditional "
         "model needs the label feature",
+    )
+
+    excluded = tuple(da.exclude_labels)
+    check(
+        all(y >= 0 for y in excluded) and len(set(excluded)) == len(excluded),
+        f"config.data.exclude_labels={excluded} must be distinct labels >= 0",
+    )
+    check(
+        not excluded or da.label_key != "",
+        f"config.data.exclude_labels={excluded} needs the label feature, but config.data.label_key=''",
     )
 
     # The data's shape and the frames a training example takes.

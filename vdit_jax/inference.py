@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -29,6 +30,7 @@ def sample(
     *,
     text: np.ndarray | None = None,
     text_mask: np.ndarray | None = None,
+    prompts: Sequence[str] | None = None,
     given_frames: np.ndarray | None = None,
     frame_mask: np.ndarray | None = None,
     sampler: str | None = None,
@@ -46,7 +48,11 @@ def sample(
         models only their number counts (None is fine for text models).
       text, text_mask: text models (`model.text_dim > 0`) need text float [N, L, text_dim] precomputed embeddings and
         take text_mask bool [N, L] (True = a real token; None = all real). The unconditional branch of
-        classifier-free guidance is `dit.null_text` (zeros, mask all True), as in training.
+        classifier-free guidance is `dit.null_text` (zeros, mask all True), as in training. Models with the
+        built-in text encoder (`model.text_vocab`) take int32 tokens [N, L] as `text` (None mask = the non-padding),
+        or `prompts` instead; their null is the empty prompt's tokens.
+      prompts: N free-text prompts for a built-in-text model, tokenized with its vocabulary at `data.text_len`
+        (`data.sources.encode_prompts`: an unknown word or a prompt too long is a ValueError naming both).
       given_frames, frame_mask: frame-conditioned models (`model.frame_conditioning`): clean frames float
         [N, T, H, W, C] in the model's space ([-1, 1] pixels) and bool [N, T], True where a frame is given (None =
         nothing given). The output holds the given frames exactly (for uint8 pixels mapped to [-1, 1]: bit for bit)
@@ -62,7 +68,19 @@ def sample(
     Raises:
       ValueError: a sampler that does not exist, or conditions that do not fit the model (named in the message).
     """
-    cond = {"label": labels, "text": text, "text_mask": text_mask}
+    builtin = bool(config.model.get("text_vocab"))
+    if prompts is not None:
+        if not builtin:
+            raise ValueError(
+                "free-text prompts are for models with the built-in text encoder (model.text_vocab); this model takes "
+                + ("precomputed text embeddings (text, text_mask)" if config.model.get("text_dim") else "no text")
+            )
+        if text is not None:
+            raise ValueError("give prompts or text (tokens), not both")
+        from vdit_jax.data import sources
+
+        text, text_mask = sources.encode_prompts(config, prompts)
+    cond = {"label": labels, "tokens" if builtin else "text": text, "text_mask": text_mask}
     if given_frames is not None or frame_mask is not None:
         cond.update(given_frames=given_frames, frame_mask=frame_mask)
     options = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance, clip_x0=clip_x0)

@@ -17,7 +17,18 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "A training run directory (with checkpoints/ and config.json), local or gs://bucket/run."
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
-_PROMPT = flags.DEFINE_string("prompt", None, 'A caption, e.g. "a red square moving right" (moving_shapes).')
+_PROMPT = flags.DEFINE_string(
+    "prompt",
+    None,
+    'A caption, e.g. "a red square moving right": free text for models with the built-in text encoder (any words '
+    "of its vocabulary), the moving_shapes grammar for class-conditional ones.",
+)
+_TEXT_EMBEDDINGS = flags.DEFINE_string(
+    "text_embeddings",
+    None,
+    "Models on precomputed text embeddings: an .npz with `text` float [N, L, D] and `text_mask` bool [N, L] (and "
+    "optionally `prompts`), one video per row (vdit_jax.data.text_embeddings writes them).",
+)
 _LABEL = flags.DEFINE_integer("label", None, "A class label (class-conditional models), instead of --prompt.")
 _NUM = flags.DEFINE_integer("num", 8, "How many videos. Without --prompt/--label: spread over all classes.")
 _STEPS = flags.DEFINE_integer("steps", None, "Denoising steps (DDIM; DDPM always uses all). Default: config.")
@@ -133,6 +144,7 @@ def run(
     pipeline=None,
     interpolator=None,
     interpolation_steps=None,
+    text_embeddings=None,
 ) -> str:
     from vdit_jax import inference, tasks
     from vdit_jax.data import sources
@@ -177,7 +189,7 @@ def run(
         raise cli.UsageError("--init_video and --given_frames go together")
     task = tasks.get(config)
     if not task.takes_prompts:  # e.g. the interpolator: keyframe pairs of test clips
-        if prompt is not None or label is not None or init_video is not None:
+        if prompt is not None or label is not None or init_video is not None or text_embeddings is not None:
             raise cli.UsageError(
                 f"this run's model (kind {config.model.kind!r}) takes no prompt, label or init video: it samples "
                 "its dataset's test split (--num, --seed, --data_dir); for videos from a prompt use --pipeline"
@@ -201,16 +213,19 @@ def run(
         given, frame_mask = given_frames_from(config, init_video, given_frames, num)
         num = len(given)
     text = text_mask = None
-    if config.model.text_dim:  # precomputed text embeddings: texts drawn from the dataset's test split
-        if prompt is not None or label is not None:
-            raise cli.UsageError(
-                "this model is conditioned on precomputed text embeddings: it samples texts of its dataset's test "
-                "split (--num, --seed); --prompt and --label are for class-conditional models"
-            )
-        cond = sources.sample_conditions(
-            config, data_dir or config.data.data_dir or sources.default_data_dir(), num, seed=seed
+    if text_embeddings is not None and not (config.model.text_dim and not sources.builtin_text(config)):
+        raise cli.UsageError(
+            "--text_embeddings is for models on precomputed text embeddings (model.text_dim > 0 without "
+            "model.text_vocab); "
+            + ("this one encodes text itself: use --prompt" if config.model.text_dim else "this one takes no text")
         )
-        labels, prompts, text, text_mask = cond["labels"], cond["captions"], cond["text"], cond["text_mask"]
+    if config.model.text_dim:
+        labels, prompts, text, text_mask = _text_conditions(
+            config, prompt, label, text_embeddings, init_video, num, seed, data_dir
+        )
+        num = len(prompts)
+        if given is not None and len(given) != num:
+            raise cli.UsageError(f"{len(given)} init videos but {num} texts: give as many of each")
     elif init_video is not None and prompt is None and label is None and config.model.num_classes:
         # Continuations of a samples.npz with prompts (e.g. test clips and their captions) keep each clip's prompt.
         from vdit_jax import video_io
@@ -241,6 +256,49 @@ def run(
         progress=True,
     )
     return _save(workdir, out_dir, videos, prompts, config.sample.fps)
+
+
+def _text_conditions(config, prompt, label, text_embeddings, init_video, num, seed, data_dir):
+    """(labels, prompts, text, text_mask) of a text model's request; raises cli.UsageError naming what is wrong.
+
+    Built-in encoder: --prompt (free text, `num` times), else the prompts of an --init_video samples.npz, else the
+    captions `sources.sample_conditions` gives. Precomputed embeddings: --text_embeddings, else texts of the
+    dataset's test split."""
+    from vdit_jax import video_io
+    from vdit_jax.data import sources
+    from vdit_jax.data import text_embeddings as embeddings_lib
+
+    if label is not None:
+        raise cli.UsageError(
+            "--label is for class-conditional models; this one is text-conditional: "
+            + ("--prompt" if sources.builtin_text(config) else "--text_embeddings")
+        )
+    data_dir = data_dir or config.data.data_dir or sources.default_data_dir()
+    if sources.builtin_text(config):
+        if prompt is not None:
+            prompts = [prompt] * num
+        else:
+            clip_prompts = video_io.read_prompts(init_video) if init_video is not None else None
+            prompts = clip_prompts[:num] if clip_prompts else None
+        if prompts is None:
+            cond = sources.sample_conditions(config, data_dir, num, seed=seed)
+            return cond["labels"], cond["captions"], cond["tokens"], cond["text_mask"]
+        tokens, mask = sources.encode_prompts(config, prompts)
+        return np.zeros((len(prompts),), np.int32), prompts, tokens, mask
+    if prompt is not None:
+        raise cli.UsageError(
+            "this model is conditioned on precomputed text embeddings (free text needs the encoder that made them): "
+            "give --text_embeddings=FILE.npz, or nothing to sample texts of its dataset's test split"
+        )
+    if text_embeddings is not None:
+        try:
+            text, mask, prompts = embeddings_lib.read_npz(text_embeddings, config.model.text_dim)
+        except (ValueError, FileNotFoundError) as e:
+            raise cli.UsageError(str(e)) from None
+        prompts = prompts or [f"text {i} of {text_embeddings}" for i in range(len(text))]
+        return np.zeros((len(text),), np.int32), prompts, text, mask
+    cond = sources.sample_conditions(config, data_dir, num, seed=seed)
+    return cond["labels"], cond["captions"], cond["text"], cond["text_mask"]
 
 
 def _save(workdir, out_dir, videos, prompts, fps: int) -> str:
@@ -335,6 +393,7 @@ def main(argv):
         pipeline=_PIPELINE.value,
         interpolator=_INTERPOLATOR.value,
         interpolation_steps=_INTERPOLATION_STEPS.value,
+        text_embeddings=_TEXT_EMBEDDINGS.value,
     )
 
 

@@ -50,6 +50,10 @@ REFERENCE_SIZE = 32  # the ranges below are for S=32 and scale linearly with S
 SPEED_RANGE = (0.75, 1.25)  # px/frame, uniform
 OBJECT_SIZE_RANGE = (7, 11)  # px across (bounding box side), integer, inclusive
 
+# The words of every caption, in this order: the vocabulary of the built-in text encoder (`vdit_jax.models.text`).
+VOCABULARY: tuple[str, ...] = ("a", *COLOUR_NAMES, *SHAPES, "moving", *DIRECTIONS)
+CAPTION_WORDS = 5  # "a {colour} {shape} moving {direction}"
+
 GRAMMAR = (
     f'"a {{colour}} {{shape}} moving {{direction}}" with colour in {{{", ".join(COLOUR_NAMES)}}}, '
     f"shape in {{{', '.join(SHAPES)}}}, direction in {{{', '.join(DIRECTIONS)}}}"

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vdit_jax import cli, paths
-from vdit_jax.data import latent_text, moving_shapes, pipeline
+from vdit_jax.data import latent_text, moving_shapes, pipeline, views
 
 MOVING_SHAPES = moving_shapes.NAME
 SYNTHETIC_LATENT_TEXT = latent_text.NAME
@@ -99,11 +99,41 @@ def _process_0_first(prepare) -> None:
         prepare()
 
 
+def builtin_text(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config's model encodes text itself (`model.text_vocab`: tokens of the captions) rather than
+    reading precomputed embeddings."""
+    return bool(config.model.get("text_vocab"))
+
+
 def text_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
-    """The text fields a config's model reads, with their per-example shapes ({} for a model without text)."""
-    if not config.data.text_len:
+    """The text fields a config's model reads, with their per-example shapes ({} for a model without text):
+    `tokens` [L] and `text_mask` [L] for the built-in encoder, `text` [L, text_dim] and `text_mask` [L] else."""
+    length = config.data.text_len
+    if not length:
         return {}
-    return {"text": (config.data.text_len, config.model.text_dim), "text_mask": (config.data.text_len,)}
+    if builtin_text(config):
+        return {"tokens": (length,), "text_mask": (length,)}
+    return {"text": (length, config.model.text_dim), "text_mask": (length,)}
+
+
+def with_tokens(config: ml_collections.ConfigDict, source):
+    """`source` with "tokens" and "text_mask" from its captions for a built-in-text model (`views.Tokenized`);
+    `source` itself for any other model."""
+    if not builtin_text(config):
+        return source
+    return views.Tokenized(source, tuple(config.model.text_vocab), config.data.text_len)
+
+
+def encode_prompts(config: ml_collections.ConfigDict, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [N, data.text_len], text_mask bool [N, data.text_len]) of free-text prompts for a built-in-text
+    model. Raises cli.UsageError for a word outside the model's vocabulary or a prompt longer than its text length
+    (refused, not truncated: see `vdit_jax.models.text`), naming both."""
+    from vdit_jax.models import text as text_lib
+
+    try:
+        return text_lib.Tokenizer(tuple(config.model.text_vocab)).encode(list(prompts), config.data.text_len)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
 
 
 def make_train_dataset(
@@ -111,12 +141,16 @@ def make_train_dataset(
 ) -> pipeline.grain.IterDataset:
     """The shuffled, repeated, per-process-sharded training pipeline; its batches hold exactly what the model
     reads: `video` float32 [b, T, H, W, C] (pixels in [-1, 1] or latents), `label` int32 [b] when
-    `data.label_key` is set, `text` float32 [b, L, D] and `text_mask` bool [b, L] when `data.text_len > 0`."""
+    `data.label_key` is set, `text` float32 [b, L, D] (or, for the built-in encoder, `tokens` int32 [b, L]) and
+    `text_mask` bool [b, L] when `data.text_len > 0`. The labels of `data.exclude_labels` are left out."""
     import jax
 
     d = config.data
+    source = open_source(config, data_dir)
+    if d.exclude_labels:
+        source = views.WithoutLabels(source, tuple(d.exclude_labels), d.label_key)
     return pipeline.make_dataset(
-        open_source(config, data_dir),
+        with_tokens(config, source),
         global_batch_size=config.train.global_batch_size,
         seed=config.seed,
         process_index=jax.process_index() if process_index is None else process_index,
@@ -143,8 +177,10 @@ def sample_conditions(config: ml_collections.ConfigDict, data_dir, num: int, see
     Text models: texts drawn (without repeats until the split is used up, by `seed`) from the dataset's test split
     (or `config.data.split` when it has none): {"text": float32 [num, L, D], "text_mask": bool [num, L],
     "captions": list of str, "labels": int32 [num] (the records' labels when the model also takes classes, else
-    zeros)}. Other models: {"labels": `sample_labels`, "captions": their `caption`s}. On several processes the
-    dataset must already be prepared (training prepares it): this may run on one process only.
+    zeros)}; built-in-text models get "tokens" int32 [num, L] instead of "text" (on moving_shapes: the captions of
+    every class in turn, as `sample_labels` spreads labels). Other models: {"labels": `sample_labels`,
+    "captions": their `caption`s}. On several processes the dataset must already be prepared (training prepares
+    it): this may run on one process only.
     """
     if num < 1:
         raise ValueError(f"num={num} must be >= 1")
@@ -152,7 +188,14 @@ def sample_conditions(config: ml_collections.ConfigDict, data_dir, num: int, see
     if not mc.text_dim:
         labels = sample_labels(num, mc.num_classes)
         return {"labels": labels, "captions": [caption(config, int(y)) for y in labels]}
+    if builtin_text(config) and config.data.name == MOVING_SHAPES:  # every class's caption before any repeats
+        captions = [moving_shapes.caption_for(int(y)) for y in sample_labels(num, moving_shapes.NUM_CLASSES)]
+        tokens, mask = encode_prompts(config, captions)
+        labels = sample_labels(num, mc.num_classes)
+        return {"tokens": tokens, "text_mask": mask, "captions": captions, "labels": labels}
     records, order = _draw_records(config, data_dir, num, seed)
+    if builtin_text(config):
+        records = [with_tokens(config, [r])[0] for r in records]
     shapes = text_shapes(config)
     out = {}
     for key, shape in shapes.items():
@@ -165,7 +208,7 @@ def sample_conditions(config: ml_collections.ConfigDict, data_dir, num: int, see
                 f"dataset {config.data.name!r} has {key!r} of shape {value.shape[1:]}, but the model needs {shape} "
                 "(config.data.text_len, config.model.text_dim)"
             )
-        out[key] = value.astype(bool if key == "text_mask" else np.float32)
+        out[key] = value.astype({"text_mask": bool, "tokens": np.int32}.get(key, np.float32))
     label_key = config.data.label_key
     if mc.num_classes and label_key:
         out["labels"] = np.array([r[label_key] for r in records], np.int32)

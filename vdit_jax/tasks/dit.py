@@ -1,8 +1,9 @@
 """The spacetime DiT as a diffusion denoiser of videos (`config.model.kind = "dit"`).
 
 Batch: {"video": float32 [B, T, H, W, C] (pixels in [-1, 1] or latents), "label": int32 [B], and for text models
-(`model.text_dim > 0`) "text": float32 [B, L, text_dim] precomputed embeddings and "text_mask": bool [B, L]
-(True = a real token; optional in a batch given to the step)}.
+(`model.text_dim > 0`) "text": float32 [B, L, text_dim] precomputed embeddings, or "tokens": int32 [B, L] for the
+built-in text encoder (`model.text_vocab`), with "text_mask": bool [B, L] (True = a real token; optional in a batch
+given to the step)}.
 
 Objective: `diffusion.loss_fn` on the video with timesteps and noise drawn per example, labels and texts replaced
 by the null condition at `diffusion.label_dropout` (classifier-free guidance), self-conditioning (Chen et al. 2022)
@@ -66,6 +67,13 @@ class DiTTask(tasks.Task):
         self.diffusion = config_lib.diffusion_config(config)
         self.sched = self.diffusion.make_schedule()
         self.model = dit.DiT(self.net)
+        # The batch / condition key of the text: built-in encoder tokens or precomputed embeddings.
+        self.text_key = "tokens" if self.net.text_vocab else "text"
+
+    def null_text(self, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
+        """The one null condition of classifier-free guidance, shared by caption dropout and sampling
+        (`dit.null_text`): the empty prompt's tokens for the built-in encoder, zero embeddings otherwise."""
+        return dit.null_text(batch, length, self.net.text_dim, builtin=bool(self.net.text_vocab))
 
     # ---------------------------------------------------------------- data and parameters
 
@@ -80,7 +88,10 @@ class DiTTask(tasks.Task):
         }
         if self.net.text_dim:
             length = self.config.data.text_len
-            out["text"] = jax.ShapeDtypeStruct((batch_size, length, self.net.text_dim), jnp.float32)
+            if self.net.text_vocab:
+                out["tokens"] = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+            else:
+                out["text"] = jax.ShapeDtypeStruct((batch_size, length, self.net.text_dim), jnp.float32)
             out["text_mask"] = jax.ShapeDtypeStruct((batch_size, length), jnp.bool_)
         return out
 
@@ -100,8 +111,9 @@ class DiTTask(tasks.Task):
         if self.net.num_classes:
             out["label"] = dit.drop_labels(drop_rng, batch["label"], rate, self.net.num_classes)
         if self.net.text_dim:
-            text, mask = dit.drop_text(jax.random.fold_in(drop_rng, 1), batch["text"], rate, batch.get("text_mask"))
-            out["text"] = text
+            key = self.text_key
+            text, mask = dit.drop_text(jax.random.fold_in(drop_rng, 1), batch[key], rate, batch.get("text_mask"))
+            out[key] = text
             if mask is not None:
                 out["text_mask"] = mask
         if self.net.frame_conditioning:
@@ -125,7 +137,7 @@ class DiTTask(tasks.Task):
 
     def loss(self, params, batch: tasks.Batch, rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         y = batch["label"] if self.net.num_classes else None
-        text = batch["text"] if self.net.text_dim else None
+        text = batch[self.text_key] if self.net.text_dim else None
         text_mask = batch.get("text_mask") if self.net.text_dim else None
         # Frame conditioning: the given frames enter as channels; the loss scores every frame, the given ones too
         # (SVD / Wan practice): the sampler evolves all frames, so the network must denoise the given ones as well
@@ -153,8 +165,8 @@ class DiTTask(tasks.Task):
 
         cond = sources.sample_conditions(self.config, data_dir, num, seed=seed)
         out = {"label": cond["labels"], "captions": cond["captions"]}
-        if "text" in cond:
-            out["text"], out["text_mask"] = cond["text"], cond["text_mask"]
+        if self.text_key in cond:
+            out[self.text_key], out["text_mask"] = cond[self.text_key], cond["text_mask"]
         return out
 
     def sample(
@@ -176,8 +188,20 @@ class DiTTask(tasks.Task):
         frame-conditioned model generates the other frames and the output holds the given ones exactly."""
         sampler, steps, eta, guidance, clip_x0 = self.sampler_options(sampler, steps, eta, guidance, clip_x0)
         net = self.net
-        labels, text, text_mask = cond.get("label"), cond.get("text"), cond.get("text_mask")
-        if net.text_dim:
+        labels, text, text_mask = cond.get("label"), cond.get(self.text_key), cond.get("text_mask")
+        if net.text_vocab:
+            if text is None:
+                raise ValueError(
+                    "this model has the built-in text encoder (model.text_vocab): pass tokens int32 [N, L] (and "
+                    "text_mask [N, L]), e.g. from data.sources.encode_prompts"
+                )
+            text = np.asarray(text)
+            if text.ndim != 2 or not np.issubdtype(text.dtype, np.integer) or len(text) == 0:
+                raise ValueError(f"tokens must be int [N, L] with N >= 1, got {text.dtype} {text.shape}")
+            if text.shape[1] > net.text_max_len:
+                raise ValueError(f"tokens have length {text.shape[1]}, more than model.text_max_len {net.text_max_len}")
+            text = text.astype(np.int32)
+        elif net.text_dim:
             if text is None:
                 raise ValueError(
                     f"this model is text-conditional (model.text_dim={net.text_dim}): pass text [N, L, "
@@ -186,7 +210,10 @@ class DiTTask(tasks.Task):
             text = np.asarray(text, np.float32)
             if text.ndim != 3 or text.shape[2] != net.text_dim or len(text) == 0:
                 raise ValueError(f"text must be float [N, L, {net.text_dim}] with N >= 1, got {text.shape}")
-            text_mask = np.ones(text.shape[:2], bool) if text_mask is None else np.asarray(text_mask)
+        if net.text_dim:
+            if text_mask is None:  # tokens: the padding is masked; embeddings: all real
+                text_mask = text != 0 if net.text_vocab else np.ones(text.shape[:2], bool)
+            text_mask = np.asarray(text_mask)
             if text_mask.shape != text.shape[:2] or text_mask.dtype != bool:
                 raise ValueError(f"text_mask must be bool {text.shape[:2]}, got {text_mask.dtype} {text_mask.shape}")
             labels = np.zeros((len(text),), np.int32) if labels is None else labels
@@ -220,7 +247,7 @@ class DiTTask(tasks.Task):
         if net.num_classes:
             null["label"] = jnp.full((1,), net.num_classes, jnp.int32)
         if net.text_dim:
-            null["text"], null["text_mask"] = dit.null_text(1, text.shape[1], net.text_dim)
+            null["text"], null["text_mask"] = self.null_text(1, text.shape[1])
         guided = float(guidance) if null else 1.0  # an unconditional model has nothing to guide
         out = []
         chunks = range(0, len(labels), batch_size)
@@ -261,8 +288,8 @@ class DiTTask(tasks.Task):
         if net.num_classes:
             cond["label"], null["label"] = batch["label"], jnp.full((1,), net.num_classes, jnp.int32)
         if net.text_dim:
-            cond["text"], cond["text_mask"] = batch["text"], batch["text_mask"]
-            null["text"], null["text_mask"] = dit.null_text(1, self.config.data.text_len, net.text_dim)
+            cond["text"], cond["text_mask"] = batch[self.text_key], batch["text_mask"]
+            null["text"], null["text_mask"] = self.null_text(1, self.config.data.text_len)
         guidance = self.config.sample.guidance
         model_fn = diffusion.cfg_model_fn(Partial(_apply_fn(net), params), cond, null, guidance)
         b = batch["video"].shape[0]
@@ -309,6 +336,11 @@ class DiTTask(tasks.Task):
             config.data.text_len >= 0 and (config.data.text_len > 0) == (mc.text_dim > 0),
             f"config.data.text_len={config.data.text_len} and config.model.text_dim={mc.text_dim} must both be > 0 "
             "(text conditioning) or both be 0",
+        )
+        check(
+            not mc.text_vocab or 2 <= config.data.text_len <= mc.text_max_len,
+            f"config.data.text_len={config.data.text_len} must be in [2, model.text_max_len={mc.text_max_len}] for "
+            "the built-in text encoder (<bos> and at least one word; its positions stop at text_max_len)",
         )
         f = config.frames
         names = ("rate_none", "rate_first", "rate_prefix", "rate_first_last")
