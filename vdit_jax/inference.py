@@ -48,7 +48,7 @@ def sample(
         models only their number counts (None is fine for text models).
       text, text_mask: text models (`model.text_dim > 0`) need text float [N, L, text_dim] precomputed embeddings and
         take text_mask bool [N, L] (True = a real token; None = all real). The unconditional branch of
-        classifier-free guidance is `dit.null_text` (zeros, mask all True), as in training. Models with the
+        classifier-free guidance is `dit.null_text` (one real zero token), as in training. Models with the
         built-in text encoder (`model.text_vocab`) take int32 tokens [N, L] as `text` (None mask = the non-padding),
         or `prompts` instead; their null is the empty prompt's tokens.
       prompts: N free-text prompts for a built-in-text model, tokenized with its vocabulary at `data.text_len`

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdit_jax.models import attention, layers
+from vdit_jax.models import attention, layers, mmdit
 from vdit_jax.models import text as text_lib
 from vdit_jax.models.layers import Grid
 from vdit_jax.parallel import sharding as sh
@@ -60,6 +60,12 @@ class DiTConfig:
     text_encoder_depth: int = 2
     text_encoder_heads: int = 2
     text_max_len: int = 16
+    # How the video tokens read the text: `cross` = a cross-attention sublayer in every block (PixArt / Open-Sora /
+    # Wan); `joint` = MM-DiT joint attention (SD3 / Flux / HunyuanVideo: `vdit_jax.models.mmdit`), the text a second
+    # stream with its own weights, full attention only; its last `single_stream_blocks` blocks share one set of
+    # weights between the streams (Flux's single-stream blocks).
+    text_mode: str = "cross"
+    single_stream_blocks: int = 0
     attention: str = "full"  # full / factorized / windowed
     # windowed only: spacetime windows in tokens (t, h, w), coarse to fine; depth is split evenly across them.
     windows: tuple[tuple[int, int, int], ...] = ((4, 8, 8), (2, 4, 4))
@@ -134,6 +140,18 @@ class DiTConfig:
             fail(f"hidden_size {self.hidden_size} must be a multiple of 4 for sin-cos embeddings")
         if "rope" in self.pos_emb and (self.head_dim % 2 or self.head_dim < 6):
             fail(f"rope needs an even head_dim >= 6, got {self.head_dim}")
+        if self.text_mode not in mmdit.TEXT_MODES:
+            fail(f"text_mode {self.text_mode!r} is not one of {mmdit.TEXT_MODES}")
+        if self.text_mode == "joint" and (not self.text_dim or self.attention != "full"):
+            fail(
+                f"text_mode 'joint' (MM-DiT) needs text (text_dim > 0, got {self.text_dim}) and full attention (got "
+                f"{self.attention!r}): the text joins one attention over all video tokens"
+            )
+        if not 0 <= self.single_stream_blocks <= (self.depth if self.text_mode == "joint" else 0):
+            fail(
+                f"single_stream_blocks must be in [0, depth={self.depth}] with text_mode 'joint' (0 otherwise), got "
+                f"{self.single_stream_blocks}"
+            )
         if self.attention_impl not in attention.IMPLEMENTATIONS:
             fail(f"attention_impl {self.attention_impl!r} is not one of {attention.IMPLEMENTATIONS}")
         if self.sequence_parallel not in attention.SEQUENCE_PARALLEL:
@@ -160,7 +178,11 @@ class DiTConfig:
         return int(self.hidden_size * self.mlp_ratio)
 
     def stages(self) -> list[tuple[tuple[str, ...], tuple[int, int, int] | None, int]]:
-        """(attention groupings of a block, window, number of blocks) for each homogeneous stage of depth."""
+        """(attention groupings of a block, window, number of blocks) for each homogeneous stage of depth; MM-DiT
+        (`text_mode` joint): ("joint",) dual-stream then ("single",) single-stream blocks."""
+        if self.text_mode == "joint":
+            single = self.single_stream_blocks
+            return [s for s in ((("joint",), None, self.depth - single), (("single",), None, single)) if s[2]]
         if self.attention == "full":
             return [(("full",), None, self.depth)]
         if self.attention == "factorized":
@@ -325,10 +347,18 @@ class DiT(nn.Module):
         if cfg.text_dim:
             context = layers.TextEmbedder(cfg.hidden_size, name="text_embed", **kw)(text)  # [B, L, D]
             context_mask = text_mask
+        if cfg.text_mode == "joint":  # the text stream: padding zero from the start
+            context_mask = jnp.ones(context.shape[:2], bool) if context_mask is None else context_mask
+            context = jnp.where(context_mask[:, :, None], context, jnp.zeros((), context.dtype))
 
-        block = DiTBlock
+        joint = cfg.text_mode == "joint"
+        block = mmdit.JointBlock if joint else DiTBlock
         if cfg.remat != "none":
             block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        # Cross-attention blocks carry the video tokens and read the context; joint blocks carry both streams.
+        carry = (h, context) if joint else h
+        args = lambda groupings, window: (cfg, groupings == ("single",)) if joint else (cfg, groupings, window, grid)
+        inputs = (c, rope, context_mask) if joint else (c, rope, context, context_mask)
         index, skips = 0, []  # block index over all stages; block inputs of the first half (long_skips)
         for s, (groupings, window, count) in enumerate(cfg.stages()):
             if cfg.scan_layers:
@@ -336,19 +366,19 @@ class DiT(nn.Module):
                     block,
                     variable_axes={"params": 0},
                     split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(nn.broadcast,) * len(inputs),
                     length=count,
                     metadata_params={nn.PARTITION_NAME: sh.LAYERS},
                 )
-                h, _ = stack(cfg, groupings, window, grid, name=f"stage{s}")(h, c, rope, context, context_mask)
+                carry, _ = stack(*args(groupings, window), name=f"stage{s}")(carry, *inputs)
             else:
                 for i in range(count):
                     if cfg.long_skips:
-                        h = self._long_skip(h, index, skips)
-                    h, _ = block(cfg, groupings, window, grid, name=f"stage{s}_block{i}")(
-                        h, c, rope, context, context_mask
-                    )
+                        video = self._long_skip(carry[0] if joint else carry, index, skips)
+                        carry = (video, carry[1]) if joint else video
+                    carry, _ = block(*args(groupings, window), name=f"stage{s}_block{i}")(carry, *inputs)
                     index += 1
+        h = carry[0] if joint else carry
 
         shift, scale = jnp.split(
             layers.dense(2 * cfg.hidden_size, (sh.EMBED, sh.MLP), zero_init=True, name="final_adaLN", **kw)(nn.silu(c)),
@@ -394,38 +424,36 @@ def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, num_classes: int
 
 
 def null_text(batch: int, length: int, text_dim: int, builtin: bool = False) -> tuple[jax.Array, jax.Array]:
-    """The null text of classifier-free guidance, for precomputed embeddings: zero embeddings [B, L, E] with the
-    mask all True [B, L]; for the built-in encoder (`builtin`): the tokens of the empty prompt, `<bos>` alone
-    (int32 [B, L], mask True at position 0 only: `text.Tokenizer.null`).
+    """The null text of classifier-free guidance: one real token and padding. For precomputed embeddings a zero
+    embedding at position 0 (text [B, L, E] zeros, mask True at position 0 only); for the built-in encoder
+    (`builtin`) the tokens of the empty prompt, `<bos>` alone (int32 [B, L], mask True at position 0 only:
+    `text.Tokenizer.null`).
 
-    Either way the null does not depend on L (all L zero tokens are real and equal, so the cross-attention reads the
-    same context vector; or the padding is masked), and no key is ever masked out entirely.
+    Either way the null does not depend on L (the padding is masked) in both text modes, and no key is ever masked
+    out entirely. (All L zero tokens real would do for cross-attention, whose equal keys read one context vector
+    whatever L, but not for joint attention, where L equal text keys weigh L times against the video keys.)
     """
+    mask = jnp.zeros((batch, length), bool).at[:, 0].set(True)
     if builtin:
-        tokens = jnp.zeros((batch, length), jnp.int32).at[:, 0].set(text_lib.BOS)
-        return tokens, tokens != text_lib.PAD
-    return jnp.zeros((batch, length, text_dim), jnp.float32), jnp.ones((batch, length), bool)
+        return jnp.where(mask, text_lib.BOS, text_lib.PAD).astype(jnp.int32), mask
+    return jnp.zeros((batch, length, text_dim), jnp.float32), mask
 
 
 def drop_text(
     rng: jax.Array, text: jax.Array, rate: float, text_mask: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array | None]:
-    """Replaces each example's text [B, L, E] (and mask [B, L]) by the null text with probability `rate`.
-
-    The null text is `null_text`: zero embeddings with the mask all True (so it does not depend on L and never masks
-    every key); the same null is used for the unconditional branch when sampling. Returns (text, text_mask), the
-    mask None when none was given (all tokens real).
+) -> tuple[jax.Array, jax.Array]:
+    """Replaces each example's text (embeddings [B, L, E] or built-in tokens [B, L]) and mask [B, L] by the null
+    text (`null_text`, the one the sampler's unconditional branch uses) with probability `rate`. Returns
+    (text, text_mask); a missing mask means all tokens real (embeddings) or the non-padding (tokens).
     """
     drop = jax.random.bernoulli(rng, rate, text.shape[:1])
-    if jnp.issubdtype(text.dtype, jnp.integer):  # built-in encoder tokens [B, L]: the empty prompt
-        null, null_mask = null_text(*text.shape, 0, builtin=True)
-        text = jnp.where(drop[:, None], null, text)
-        mask = text != text_lib.PAD if text_mask is None else jnp.where(drop[:, None], null_mask, text_mask)
-        return text, mask
-    text = jnp.where(drop[:, None, None], jnp.zeros_like(text), text)
-    if text_mask is not None:
-        text_mask = text_mask | drop[:, None]
-    return text, text_mask
+    builtin = jnp.issubdtype(text.dtype, jnp.integer)
+    null, null_mask = null_text(text.shape[0], text.shape[1], 0 if builtin else text.shape[2], builtin=builtin)
+    if text_mask is None:
+        text_mask = text != text_lib.PAD if builtin else jnp.ones(text.shape[:2], bool)
+    extra = (None,) * (text.ndim - 2)
+    text = jnp.where(drop[(slice(None), None, *extra)], null.astype(text.dtype), text)
+    return text, jnp.where(drop[:, None], null_mask, text_mask)
 
 
 def init_params(config: DiTConfig, rng: jax.Array, video_shape: tuple[int, ...]):

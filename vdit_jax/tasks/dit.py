@@ -113,9 +113,7 @@ class DiTTask(tasks.Task):
         if self.net.text_dim:
             key = self.text_key
             text, mask = dit.drop_text(jax.random.fold_in(drop_rng, 1), batch[key], rate, batch.get("text_mask"))
-            out[key] = text
-            if mask is not None:
-                out["text_mask"] = mask
+            out[key], out["text_mask"] = text, mask
         if self.net.frame_conditioning:
             out["frame_mask"] = self.draw_frame_masks(jax.random.fold_in(drop_rng, 3), video.shape[0], video.shape[1])
             out["given_frames"] = video * out["frame_mask"][:, :, None, None, None].astype(video.dtype)
