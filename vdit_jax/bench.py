@@ -10,7 +10,10 @@ train: builds the sharded train state (`vdit_jax.train.state.create_train_state`
   function training runs (`vdit_jax.train.step.make_train_step`) on a global batch of `train.global_batch_size`.
 sample: times one denoising step — one model forward on the classifier-free-guidance batch [cond; null] of
   2 x `train.global_batch_size` videos (B videos when `sample.guidance` = 1, which skips the null branch, as the
-  sampler does) — and the whole jitted DDIM loop (`vdit_jax.diffusion.ddim_sample`, `sample.steps` steps).
+  sampler does) — and the whole jitted DDIM loop (`vdit_jax.diffusion.ddim_sample`, `sample.steps` steps). Text
+  models step with the text cache the sampler computes once per loop (`DiT._text_cache`: the encoders, the text
+  projection, every cross-attention's keys and values); `ms_per_step_text_uncached` times the same step with the
+  text encoded again, the saving.
 attention_memory (no config): the temporary memory per device that XLA allocates for the jitted value-and-grad of
   sequence-parallel self-attention (`attention.attend`, tokens split over a `sequence` axis of every device), once
   with `allgather` and once with `ring` (`attention_memory`); compiled only, nothing runs, so fake CPU devices do.
@@ -29,6 +32,10 @@ factorized) and depth blocks:
       self-attention   k * (2 B N 3D^2 [qkv] + 2 B N S D [scores] + 2 B N S D [probs @ V] + 2 B N D^2 [out])
       cross-attention  2 B N D^2 [q] + 2 B L 2D^2 [kv] + 4 B N L D [scores, probs @ V] + 2 B N D^2 [out]
       MLP              2 B N 2 D F
+    per MM-DiT block (text_mode joint; M = N + L tokens, s = 2 streams dual, 1 single):
+      adaLN            s * 2 B D 6D
+      joint attention  2 B M 4D^2 [qkv, out] + 4 B M M D [scores, probs @ V]
+      MLP              2 B M 2 D F
     final layer        2 B D 2D [adaLN] + 2 B N D P'
 
 A train step counts 3 x forward (forward + backward = 2 x forward), whatever remat recomputes (model FLOPs, not
@@ -124,6 +131,13 @@ def forward_flops(mc: dit.DiTConfig, video_shape, text_len: int = 0) -> dict[str
         "final": 2 * b * d * 2 * d + 2 * b * n * d * patch * (mc.out_channels or mc.in_channels),
     }
     for groupings, window, count in mc.stages():
+        if groupings in (("joint",), ("single",)):  # MM-DiT: both streams through qkv, out and MLP; N + L tokens
+            streams = 2 if groupings == ("joint",) else 1
+            m = n + length
+            out["adaln"] += count * streams * 2 * b * d * 6 * d
+            out["joint_attention"] = out.get("joint_attention", 0) + count * (8 * b * m * d * d + 4 * b * m * m * d)
+            out["mlp"] += count * 4 * b * m * d * f
+            continue
         out["adaln"] += count * 2 * b * d * 3 * (len(groupings) + 1) * d
         for g in groupings:
             s = _group_size(g, grid, window)
@@ -287,6 +301,15 @@ def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
         jax.block_until_ready(compiled(model_fn, x, t))  # warm-up
         times = _time_calls(lambda: compiled(model_fn, x, t), steps)
 
+        text_fields = {}
+        if config.model.get("text_dim"):  # the saving of the per-loop text cache: the same step, text encoded again
+            uncached_fn, _ = task.denoise_model_fn(params, batch, cache_text=False)
+            uncached = step.lower(uncached_fn, x, t).compile()
+            jax.block_until_ready(uncached(uncached_fn, x, t))
+            uncached_times = _time_calls(lambda: uncached(uncached_fn, x, t), steps)
+            text_fields["ms_per_step_text_uncached"] = 1e3 * float(np.median(uncached_times))
+            text_fields["text_uncached_xla_flops"] = _xla_flops(uncached)
+
         sample = lambda: diffusion.ddim_sample(
             model_fn, sched, shape, jax.random.fold_in(rng, 3), num_steps=config.sample.steps, eta=config.sample.eta
         )
@@ -307,6 +330,7 @@ def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
         "loop_compile_s": max(loop_first_s - loop_s, 0.0),
         "_times": times,
         "_videos": b,
+        **text_fields,
     }
     return fields, [compiled]
 

@@ -221,11 +221,25 @@ class DiTBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, c: jax.Array, rope, context: jax.Array | None, context_mask: jax.Array | None
-    ) -> tuple[jax.Array, None]:
+        self,
+        x: jax.Array | None,
+        c: jax.Array | None,
+        rope,
+        context: jax.Array | None,
+        context_mask: jax.Array | None,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+    ):
+        """((x, None)): the block's output; with `kv` its cross-attention reads those keys and values instead of
+        projecting the context. x None: (None, kv), this block's cross-attention keys and values of the context
+        (the sampler's text cache)."""
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
+        cross = lambda: layers.CrossAttention(
+            cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention_impl, name="cross_attn", **kw
+        )
+        if x is None:
+            return None, cross()(None, context, context_mask)
         n_mod = 3 * (len(self.groupings) + 1)
         mod = layers.dense(n_mod * cfg.hidden_size, (sh.EMBED, sh.MLP), zero_init=True, name="adaLN", **kw)(nn.silu(c))
         mod = jnp.split(mod, n_mod, axis=-1)  # n_mod x [B, D]
@@ -244,11 +258,8 @@ class DiTBlock(nn.Module):
                 **kw,
             )(h, self.grid, rope)
             x = x + gate[:, None] * h
-        if context is not None:  # [B, L, D]
-            h = layers.CrossAttention(
-                cfg.num_heads, qk_norm=cfg.qk_norm, implementation=cfg.attention_impl, name="cross_attn", **kw
-            )(layers.layer_norm(dtype)(x), context, context_mask)
-            x = x + h
+        if context is not None or kv is not None:  # [B, L, D]
+            x = x + cross()(layers.layer_norm(dtype)(x), context, context_mask, kv)
         shift, scale, gate = mod[-3:]
         h = layers.modulate(layers.layer_norm(dtype)(x), shift, scale)
         x = x + gate[:, None] * layers.Mlp(cfg.hidden_size, cfg.mlp_dim, name="mlp", **kw)(h)
@@ -280,21 +291,15 @@ class DiT(nn.Module):
         text_mask: jax.Array | None = None,
         given_frames: jax.Array | None = None,
         frame_mask: jax.Array | None = None,
-    ) -> jax.Array:
+        text_cache: dict | None = None,
+    ):
         cfg = self.config
+        if x is None:  # `text_cache`: what the text contributes, computed once per sampling loop
+            return self._text_cache(text, text_mask)
         if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
             raise ValueError(f"DiT expects video [B, T, H, W, {cfg.in_channels}], got shape {tuple(x.shape)}")
         if cfg.num_classes and labels is None:
             raise ValueError("this DiT is class-conditional (num_classes > 0): pass labels")
-        if cfg.text_vocab and (text is None or text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer)):
-            got = None if text is None else f"{text.dtype} {tuple(text.shape)}"
-            raise ValueError(f"this DiT has the built-in text encoder: pass text as int tokens [B, L], got {got}")
-        if cfg.text_dim and not cfg.text_vocab and (text is None or text.ndim != 3 or text.shape[-1] != cfg.text_dim):
-            got = None if text is None else tuple(text.shape)
-            raise ValueError(f"this DiT is text-conditional: pass text [B, L, {cfg.text_dim}], got {got}")
-        if cfg.text_dim and text_mask is not None and (text_mask.shape != text.shape[:2] or text_mask.dtype != bool):
-            got = f"{text_mask.dtype} {tuple(text_mask.shape)}"
-            raise ValueError(f"text_mask must be bool [B, L] = {tuple(text.shape[:2])}, got {got}")
         if cfg.self_condition and x_self_cond is not None and x_self_cond.shape != x.shape:
             raise ValueError(f"x_self_cond must have x's shape {tuple(x.shape)}, got {tuple(x_self_cond.shape)}")
         if cfg.frame_conditioning and (given_frames is None) != (frame_mask is None):
@@ -332,6 +337,87 @@ class DiT(nn.Module):
                 cfg.num_classes, cfg.hidden_size, factors=tuple(cfg.label_factors), name="y_embed", **kw
             )(labels)
         c = nn.with_logical_constraint(c, (sh.BATCH, sh.ACT_EMBED))
+        kv = None
+        if text_cache is not None:
+            context, context_mask, kv = text_cache["context"], text_cache["context_mask"], text_cache.get("kv")
+        else:
+            context, context_mask = self._encode_text(text, text_mask)
+
+        joint = cfg.text_mode == "joint"
+        # Cross-attention blocks carry the video tokens and read the context (or its cached keys and values: one
+        # (k, v) pair [B, blocks, L, heads, Dh] per stage); joint blocks carry both streams.
+        carry = (h, context) if joint else h
+        inputs = (c, rope, context_mask) if joint else (c, rope, context, context_mask)
+        index, skips = 0, []  # block index over all stages; block inputs of the first half (long_skips)
+        for s, (groupings, window, count) in enumerate(cfg.stages()):
+            stage_kv = None if kv is None else kv[f"stage{s}"]
+            if cfg.scan_layers:
+                scanned_kv = () if joint else (None if stage_kv is None else _layers_first(stage_kv),)
+                carry, _ = self._block(groupings, window, grid, count, f"stage{s}")(carry, *inputs, *scanned_kv)
+            else:
+                for i in range(count):
+                    if cfg.long_skips:
+                        video = self._long_skip(carry[0] if joint else carry, index, skips)
+                        carry = (video, carry[1]) if joint else video
+                    block_kv = () if joint else (None if stage_kv is None else (stage_kv[0][:, i], stage_kv[1][:, i]),)
+                    carry, _ = self._block(groupings, window, grid, None, f"stage{s}_block{i}")(
+                        carry, *inputs, *block_kv
+                    )
+                    index += 1
+        h = carry[0] if joint else carry
+
+        shift, scale = jnp.split(
+            layers.dense(2 * cfg.hidden_size, (sh.EMBED, sh.MLP), zero_init=True, name="final_adaLN", **kw)(nn.silu(c)),
+            2,
+            axis=-1,
+        )
+        h = layers.modulate(layers.layer_norm(dtype)(h), shift, scale)
+        out = layers.dense(
+            out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2],
+            (sh.EMBED, sh.PATCH),
+            zero_init=True,
+            name="final_proj",
+            **kw,
+        )(h)
+        out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, None))
+        return layers.unpatchify(out, cfg.patch_size, grid, out_channels).astype(jnp.float32)
+
+    def _block(self, groupings, window, grid, count: int | None, name: str) -> nn.Module:
+        """A block of a stage (remat-wrapped as configured), or `count` of them scanned (`scan_layers`)."""
+        cfg = self.config
+        joint = cfg.text_mode == "joint"
+        block = mmdit.JointBlock if joint else DiTBlock
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        args = (cfg, groupings == ("single",)) if joint else (cfg, groupings, window, grid)
+        if count is None:
+            return block(*args, name=name)
+        # Scanned: the conditioning is broadcast to every layer; cached cross-attention keys and values are scanned.
+        in_axes = (nn.broadcast,) * 3 if joint else (nn.broadcast,) * 4 + (0,)
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=in_axes,
+            length=count,
+            metadata_params={nn.PARTITION_NAME: sh.LAYERS},
+        )
+        return stack(*args, name=name)
+
+    def _encode_text(self, text: jax.Array | None, text_mask: jax.Array | None):
+        """(context [B, L, D], mask [B, L]) of the text (None, None for a model without text): the built-in
+        encoder's output or the precomputed embeddings, projected to the width (`layers.TextEmbedder`)."""
+        cfg = self.config
+        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        if cfg.text_vocab and (text is None or text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer)):
+            got = None if text is None else f"{text.dtype} {tuple(text.shape)}"
+            raise ValueError(f"this DiT has the built-in text encoder: pass text as int tokens [B, L], got {got}")
+        if cfg.text_dim and not cfg.text_vocab and (text is None or text.ndim != 3 or text.shape[-1] != cfg.text_dim):
+            got = None if text is None else tuple(text.shape)
+            raise ValueError(f"this DiT is text-conditional: pass text [B, L, {cfg.text_dim}], got {got}")
+        if cfg.text_dim and text_mask is not None and (text_mask.shape != text.shape[:2] or text_mask.dtype != bool):
+            got = f"{text_mask.dtype} {tuple(text_mask.shape)}"
+            raise ValueError(f"text_mask must be bool [B, L] = {tuple(text.shape[:2])}, got {got}")
         context = context_mask = None
         if cfg.text_vocab:  # tokens -> [B, L, text_dim]; the padding (mask False) gives and gets no attention
             text_mask = text != text_lib.PAD if text_mask is None else text_mask
@@ -351,50 +437,37 @@ class DiT(nn.Module):
             context_mask = jnp.ones(context.shape[:2], bool) if context_mask is None else context_mask
             context = jnp.where(context_mask[:, :, None], context, jnp.zeros((), context.dtype))
 
-        joint = cfg.text_mode == "joint"
-        block = mmdit.JointBlock if joint else DiTBlock
-        if cfg.remat != "none":
-            block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-        # Cross-attention blocks carry the video tokens and read the context; joint blocks carry both streams.
-        carry = (h, context) if joint else h
-        args = lambda groupings, window: (cfg, groupings == ("single",)) if joint else (cfg, groupings, window, grid)
-        inputs = (c, rope, context_mask) if joint else (c, rope, context, context_mask)
-        index, skips = 0, []  # block index over all stages; block inputs of the first half (long_skips)
-        for s, (groupings, window, count) in enumerate(cfg.stages()):
-            if cfg.scan_layers:
-                stack = nn.scan(
-                    block,
-                    variable_axes={"params": 0},
-                    split_rngs={"params": True},
-                    in_axes=(nn.broadcast,) * len(inputs),
-                    length=count,
-                    metadata_params={nn.PARTITION_NAME: sh.LAYERS},
-                )
-                carry, _ = stack(*args(groupings, window), name=f"stage{s}")(carry, *inputs)
-            else:
-                for i in range(count):
-                    if cfg.long_skips:
-                        video = self._long_skip(carry[0] if joint else carry, index, skips)
-                        carry = (video, carry[1]) if joint else video
-                    carry, _ = block(*args(groupings, window), name=f"stage{s}_block{i}")(carry, *inputs)
-                    index += 1
-        h = carry[0] if joint else carry
+        return context, context_mask
 
-        shift, scale = jnp.split(
-            layers.dense(2 * cfg.hidden_size, (sh.EMBED, sh.MLP), zero_init=True, name="final_adaLN", **kw)(nn.silu(c)),
-            2,
-            axis=-1,
-        )
-        h = layers.modulate(layers.layer_norm(dtype)(h), shift, scale)
-        out = layers.dense(
-            out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2],
-            (sh.EMBED, sh.PATCH),
-            zero_init=True,
-            name="final_proj",
-            **kw,
-        )(h)
-        out = nn.with_logical_constraint(out, (sh.BATCH, sh.LENGTH, None))
-        return layers.unpatchify(out, cfg.patch_size, grid, out_channels).astype(jnp.float32)
+    def _text_cache(self, text: jax.Array, text_mask: jax.Array | None) -> dict:
+        """{"context": [B, L, D], "context_mask": [B, L], and for cross-attention "kv": {stage: (k, v)
+        [B, blocks, L, heads, Dh]}}: everything of the forward pass that depends on the text alone (the encoders,
+        the projection, every cross-attention's keys and values). `__call__(..., text_cache=...)` then skips it:
+        the sampler computes it once per loop, not once per denoising step. (Joint attention's text stream is
+        modulated by the timestep: only its input is cached.)"""
+        cfg = self.config
+        if not cfg.text_dim:
+            raise ValueError("this DiT takes no text: there is no text cache")
+        context, context_mask = self._encode_text(text, text_mask)
+        cache = {"context": context, "context_mask": context_mask}
+        if cfg.text_mode == "cross":
+            cache["kv"] = {}
+            grid = (1, 1, 1)  # the blocks' keys and values do not depend on the video grid
+            for s, (groupings, window, count) in enumerate(cfg.stages()):
+                if cfg.scan_layers:
+                    _, (k, v) = self._block(groupings, window, grid, count, f"stage{s}")(
+                        None, None, None, context, context_mask, None
+                    )
+                    cache["kv"][f"stage{s}"] = (jnp.moveaxis(k, 0, 1), jnp.moveaxis(v, 0, 1))
+                else:
+                    pairs = [
+                        self._block(groupings, window, grid, None, f"stage{s}_block{i}")(
+                            None, None, None, context, context_mask
+                        )[1]
+                        for i in range(count)
+                    ]
+                    cache["kv"][f"stage{s}"] = tuple(jnp.stack(a, axis=1) for a in zip(*pairs, strict=True))
+        return cache
 
     def _long_skip(self, h: jax.Array, index: int, skips: list[jax.Array]) -> jax.Array:
         """Block `index`'s input: pushed onto `skips` in the first half; in the second half, fused with the input of
@@ -415,6 +488,11 @@ class DiT(nn.Module):
             name=f"skip{index}",
         )(h)
         return nn.with_logical_constraint(h, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
+
+
+def _layers_first(kv: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Cached (k, v) [B, blocks, ...] -> [blocks, B, ...], the layout `nn.scan` slices."""
+    return tuple(jnp.moveaxis(a, 1, 0) for a in kv)
 
 
 def drop_labels(rng: jax.Array, labels: jax.Array, rate: float, num_classes: int) -> jax.Array:

@@ -358,28 +358,44 @@ class CrossAttention(nn.Module):
     query_axis: str = sh.LENGTH  # logical axis of the queries' tokens (sh.TEXT_LENGTH: text attending to text)
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array | None = None) -> jax.Array:
-        b, n, d = x.shape
-        length = context.shape[1]
-        head_dim = d // self.num_heads
+    def __call__(
+        self,
+        x: jax.Array | None,
+        context: jax.Array | None,
+        context_mask: jax.Array | None = None,
+        kv: tuple[jax.Array, jax.Array] | None = None,
+    ):
+        """x [B, N, D] -> [B, N, D]. `kv`: this layer's keys and values of the context, computed before (the
+        sampler's text cache: they depend on the text only); x None: returns them, (k, v) [B, L, heads, Dh] each."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: nn.RMSNorm(
+            epsilon=1e-6,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.KV,)),
+            name=name,
+        )
 
-        def heads(name, src, tokens, length_axis):
-            y = dense(d, (sh.EMBED, sh.HEADS), name=name, **kw)(src).reshape(b, tokens, self.num_heads, head_dim)
+        def heads(name, src, length_axis):
+            b, tokens, d = src.shape
+            y = dense(d, (sh.EMBED, sh.HEADS), name=name, **kw)(src).reshape(
+                b, tokens, self.num_heads, d // self.num_heads
+            )
             return nn.with_logical_constraint(y, (sh.BATCH, length_axis, sh.ACT_HEADS, sh.ACT_KV))
 
-        q = heads("query", x, n, self.query_axis)  # [B, N, heads, Dh]
-        k = heads("key", context, length, sh.TEXT_LENGTH)  # [B, L, heads, Dh]
-        v = heads("value", context, length, sh.TEXT_LENGTH)
+        if kv is None:
+            k = heads("key", context, sh.TEXT_LENGTH)  # [B, L, heads, Dh]
+            v = heads("value", context, sh.TEXT_LENGTH)
+            if self.qk_norm:
+                k = norm("key_norm")(k)
+        else:
+            k, v = kv
+        if x is None:
+            return k, v
+        b, n, d = x.shape
+        q = heads("query", x, self.query_axis)  # [B, N, heads, Dh]
         if self.qk_norm:
-            norm = lambda name: nn.RMSNorm(
-                epsilon=1e-6,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.KV,)),
-                name=name,
-            )
-            q, k = norm("query_norm")(q), norm("key_norm")(k)
+            q = norm("query_norm")(q)
         out = attention.attend(
             q,
             k,

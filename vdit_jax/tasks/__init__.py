@@ -91,9 +91,10 @@ class Task(abc.ABC):
     def sample_conditions(self, data_dir, num: int, seed: int) -> dict[str, Any]:
         """`num` conditions for training-time samples: `sample`'s `cond` plus "captions" (list of str)."""
 
-    def denoise_model_fn(self, params: Any, batch: Batch) -> tuple[Any, int]:
+    def denoise_model_fn(self, params: Any, batch: Batch, cache_text: bool = True) -> tuple[Any, int]:
         """(model_fn(x_t, t), examples per call) of one sampling step on `batch` (e.g. with classifier-free guidance:
-        the doubled batch), for the benchmark's sample mode."""
+        the doubled batch), for the benchmark's sample mode; `cache_text=False`: without the per-loop text cache
+        (text models), for comparison."""
         raise NotImplementedError(f"the {self.kind!r} task has no sampling step to benchmark")
 
     def forward_flops(self, batch_size: int) -> dict[str, float] | None:

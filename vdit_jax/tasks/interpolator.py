@@ -257,8 +257,9 @@ class InterpolatorTask(tasks.Task):
         given, mask = keyframe_segments(clips[:, 0], clips[:, frames - 1], frames - 2, frames)
         return {"given_frames": given, "frame_mask": mask, "captions": captions}
 
-    def denoise_model_fn(self, params, batch: tasks.Batch) -> tuple[Any, int]:
-        """The sampler's model_fn with the batch's first and last frames given (B examples per call)."""
+    def denoise_model_fn(self, params, batch: tasks.Batch, cache_text: bool = True) -> tuple[Any, int]:
+        """The sampler's model_fn with the batch's first and last frames given (B examples per call; no text)."""
+        del cache_text
         video = batch["video"]
         frames = video.shape[1]
         mask = jnp.zeros(video.shape[:2], bool).at[:, 0].set(True).at[:, frames - 1].set(True)
