@@ -29,6 +29,12 @@ _KEYFRAME_STRIDE = flags.DEFINE_integer("keyframe_stride", None, "--samples from
 _GIVEN = flags.DEFINE_integer(
     "num_given", None, "--samples of continuations of k given frames: metrics of the generated frames, and the seam."
 )
+_HELD_OUT_FROM = flags.DEFINE_string(
+    "held_out_from",
+    None,
+    "--samples of a model trained without some labels (config.data.exclude_labels): a training run whose held-out "
+    "labels split the metrics into `seen` and `held_out` prompts (compositional generalisation).",
+)
 _INTERPOLATOR = flags.DEFINE_string("interpolator_run", None, "An interpolator's training run: PSNR/SSIM per gap.")
 _NUM = flags.DEFINE_integer("num_clips", 256, "--interpolator_run: test clips per gap.")
 _STEPS = flags.DEFINE_integer(
@@ -81,7 +87,14 @@ def seam_steps(num_frames: int, keyframe_stride: int | None = None, given_frames
 
 
 def run(
-    samples: str | None, keyframe_stride=None, given_frames=None, interpolator=None, num=256, data_dir=None, steps=None
+    samples: str | None,
+    keyframe_stride=None,
+    given_frames=None,
+    interpolator=None,
+    num=256,
+    data_dir=None,
+    steps=None,
+    held_out_from=None,
 ):
     from vdit_jax.data import evaluate
 
@@ -94,6 +107,8 @@ def run(
     if keyframe_stride is not None and given_frames is not None:
         raise cli.UsageError("give --keyframe_stride or --num_given, not both")
     videos, prompts = load_samples(samples)
+    if held_out_from is not None:
+        return _run_held_out(videos, prompts, held_out_from, samples)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -111,6 +126,29 @@ def run(
         print(f"warning: {w.message}", file=sys.stderr)
     print(json.dumps(metrics))
     return metrics
+
+
+def _run_held_out(videos, prompts, workdir, samples) -> dict:
+    """{"seen": metrics, "held_out": metrics, "held_out_labels": [...]}: the samples split by whether their prompt's
+    label is one the run's training left out (`data.exclude_labels` of its config.json)."""
+    from vdit_jax import inference
+    from vdit_jax.data import evaluate, moving_shapes
+
+    config = inference.load_config(workdir)
+    held_out = {int(y) for y in config.data.exclude_labels}
+    if not held_out:
+        raise cli.UsageError(f"--held_out_from={workdir!r}: its training left no label out (data.exclude_labels)")
+    try:
+        labels = np.array([moving_shapes.parse_caption(str(p)) for p in prompts])
+    except ValueError as e:
+        raise cli.UsageError(f"--samples={samples!r}: {e}") from None
+    out = {"held_out_labels": sorted(held_out)}
+    for name, rows in (("seen", ~np.isin(labels, sorted(held_out))), ("held_out", np.isin(labels, sorted(held_out)))):
+        if not rows.any():
+            raise cli.UsageError(f"--samples={samples!r} has no {name.replace('_', '-')} prompt")
+        out[name] = evaluate.evaluate(videos[rows], [p for p, r in zip(prompts, rows, strict=True) if r])
+    print(json.dumps(out))
+    return out
 
 
 def _run_interpolator(workdir, num: int, data_dir, steps=None) -> dict:
@@ -145,6 +183,7 @@ def main(argv):
         num=_NUM.value,
         data_dir=_DATA_DIR.value,
         steps=_STEPS.value,
+        held_out_from=_HELD_OUT_FROM.value,
     )
 
 

@@ -109,10 +109,7 @@ def load(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict, d
     ckpt_dir = workdir / "checkpoints"
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"no checkpoints under {os.fspath(workdir)!r} (expected {os.fspath(ckpt_dir)})")
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"no config.json in {os.fspath(workdir)!r}: is it a vdit_jax training workdir?")
-    config = config_from_json(ml_collections.ConfigDict(json.loads(config_path.read_text())))
+    config = load_config(workdir)
     mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
     rules = sh.rules_from_config(config.logical_axis_rules)
     # Only the EMA is read: the raw parameters and the optimizer state (3x the EMA's size) stay on disk, and the
@@ -124,6 +121,14 @@ def load(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict, d
     finally:
         checkpointer.close()
     return config, restored["ema_params"], int(restored_step)
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+    """The config of a training workdir (its config.json, on the base config). Raises FileNotFoundError."""
+    config_path = paths.resolve(workdir) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"no config.json in {os.fspath(workdir)!r}: is it a vdit_jax training workdir?")
+    return config_from_json(ml_collections.ConfigDict(json.loads(config_path.read_text())))
 
 
 def config_from_json(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
