@@ -1,5 +1,6 @@
 """The notebooks run headlessly (nbclient) on tiny settings: colabs/sampling.ipynb on the session's trained run,
-colabs/multistage.ipynb on the session's tiny keyframe and interpolator runs; each shows its videos inline."""
+colabs/multistage.ipynb on the session's tiny text keyframe and interpolator runs with a free-text prompt; each shows
+its videos inline."""
 
 import os
 
@@ -55,8 +56,9 @@ def test_multistage_notebook_executes(tiny_multistage, tmp_path):
     m = tiny_multistage
     outputs = execute(
         "multistage.ipynb",
-        f"KEYFRAMES_WORKDIR = {str(m.keyframe_dir)!r}\nINTERPOLATOR_WORKDIR = {str(m.interp_dir)!r}\nLABEL = 1\n"
-        "NUM = 2\nSTEPS = 2\nINTERPOLATION_STEPS = 2",
+        # A text keyframe model: the prompt is free text (the pipeline and the notebook take text prompts).
+        f"KEYFRAMES_WORKDIR = {str(m.text_keyframe_dir)!r}\nINTERPOLATOR_WORKDIR = {str(m.interp_dir)!r}\n"
+        'PROMPT = "A cyan triangle, moving up"\nNUM = 2\nSTEPS = 2\nINTERPOLATION_STEPS = 2',
         tmp_path,
     )
     text = _text(outputs)

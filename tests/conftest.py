@@ -93,7 +93,8 @@ def tiny_multistage(tmp_path_factory):
       interp_*:   tests/helpers.py's tiny interpolator overfit on 2 rendered 8x8 clips (a batch of 4: each twice,
                   with other gaps drawn), OVERFIT_STEPS steps: `data` uint8 [4, 5, 8, 8, 3], `losses` per step;
       keyframe_*: its tiny keyframe DiT (frames 0, 4, 8 of 9-frame 8x8 videos) with random weights, not trained
-                  (the tests that read it check the pipeline's plumbing, not its quality; no train step to compile).
+                  (the tests that read it check the pipeline's plumbing, not its quality; no train step to compile);
+                  text_keyframe_dir: the same DiT on free-text prompts (the built-in text encoder).
 
     Tests that use it share an xdist group ("multistage"), so one worker builds it."""
     import types
@@ -137,6 +138,7 @@ def tiny_multistage(tmp_path_factory):
     interp_params, losses = train(interp_config, [batch] * OVERFIT_STEPS, root / "interpolator")
     keyframe_config = helpers.tiny_keyframe_config()
     train(keyframe_config, [], root / "keyframes")
+    train(helpers.tiny_text_keyframe_config(), [], root / "text_keyframes")
     return types.SimpleNamespace(
         interp_config=interp_config,
         interp_params=interp_params,
@@ -145,4 +147,5 @@ def tiny_multistage(tmp_path_factory):
         losses=losses,
         keyframe_config=keyframe_config,
         keyframe_dir=root / "keyframes",
+        text_keyframe_dir=root / "text_keyframes",  # the same, conditioned on free text (built-in encoder)
     )

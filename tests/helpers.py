@@ -87,6 +87,15 @@ def clips(n: int, frames: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
     return np.stack(out)
 
 
+def tiny_text_keyframe_config():
+    """`tiny_keyframe_config` conditioned on free text through the built-in encoder (the moving_shapes words)."""
+    c = tiny_keyframe_config()
+    c.data.num_classes = c.model.num_classes = 0
+    c.data.text_len = 8
+    c.model.update(text_dim=16, text_vocab=ms.VOCABULARY, text_encoder_depth=1)
+    return c
+
+
 def tiny_keyframe_config():
     """The keyframe stage of a tiny pipeline: `tiny_config`'s DiT on frames 0, 4, 8 of 9-frame 8x8 videos (frame
     stride 4: gaps of 3, which `tiny_interpolator_config`'s segments of 5 fill), 3 x 2 x 2 tokens, batch 2."""

@@ -7,6 +7,7 @@ jitted sampling loops (`vdit_jax.diffusion`); the keyframes appear unchanged in 
 
     pipe = pipeline.load("runs/keyframes", "runs/interpolator")
     out = pipe.generate(labels, jax.random.key(0))   # out.videos uint8 [N, F, H, W, 3], out.keyframes [N, K, ...]
+    out = pipe.generate(None, jax.random.key(0), prompts=["a red square moving up"])  # a text keyframe model
 
 `python -m vdit_jax.sample --pipeline=keyframes+interpolate --workdir=runs/keyframes --interpolator=runs/interpolator`
 runs it from the command line.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -82,9 +84,12 @@ class Pipeline:
 
     def generate(
         self,
-        labels: np.ndarray,
+        labels: np.ndarray | None,
         rng: jax.Array,
         *,
+        prompts: Sequence[str] | None = None,
+        text: np.ndarray | None = None,
+        text_mask: np.ndarray | None = None,
         sampler: str | None = None,
         steps: int | None = None,
         guidance: float | None = None,
@@ -92,10 +97,13 @@ class Pipeline:
         batch_size: int = 32,
         progress: bool = False,
     ) -> Output:
-        """Videos of F frames, one per label (int [N] of the keyframe model's classes).
+        """Videos of F frames, one per label (int [N] of the keyframe model's classes) or, for a text keyframe
+        model, one per prompt (free text, built-in text encoder) or text (precomputed embeddings [N, L, D] and
+        text_mask [N, L]): `inference.sample`'s conditions.
 
         sampler, steps, guidance: the keyframe DiT's (default: its config.sample); interpolation_steps: the
-        interpolator's DDIM steps (default: its config). Raises ValueError for labels out of range.
+        interpolator's DDIM steps (default: its config). Raises ValueError for labels out of range or conditions
+        that do not fit the keyframe model (named in the message).
         """
         k_rng, i_rng = jax.random.split(rng)
         t0 = time.perf_counter()
@@ -104,6 +112,9 @@ class Pipeline:
             self.keyframe_params,
             labels,
             k_rng,
+            text=text,
+            text_mask=text_mask,
+            prompts=prompts,
             sampler=sampler,
             steps=steps,
             guidance=guidance,

@@ -178,6 +178,8 @@ def run(
             batch_size=batch_size,
             out_dir=out_dir,
             init_video=init_video,
+            data_dir=data_dir,
+            text_embeddings=text_embeddings,
         )
     if interpolation_steps is not None:
         raise cli.UsageError("--interpolation_steps is for --pipeline")
@@ -327,6 +329,8 @@ def _run_pipeline(
     batch_size,
     out_dir,
     init_video,
+    data_dir=None,
+    text_embeddings=None,
 ) -> str:
     from vdit_jax import pipeline
 
@@ -345,9 +349,16 @@ def _run_pipeline(
         raise cli.UsageError(
             f"--interpolation_steps={interpolation_steps} must be in [1, {ic.diffusion.num_timesteps}]"
         )
-    if kc.model.text_dim:
-        raise cli.UsageError("--pipeline takes class-conditional keyframe models (--prompt / --label) for now")
-    labels, prompts = resolve_labels(kc, prompt, label, num)
+    text = {}
+    if kc.model.text_dim:  # a text keyframe model: --prompt (built-in encoder) or --text_embeddings
+        labels, prompts, text["text"], text["text_mask"] = _text_conditions(
+            kc, prompt, label, text_embeddings, None, num, seed, data_dir
+        )
+        num = len(prompts)
+    else:
+        if text_embeddings is not None:
+            raise cli.UsageError("--text_embeddings is for text keyframe models; this one is class-conditional")
+        labels, prompts = resolve_labels(kc, prompt, label, num)
     logging.info(
         "sampling %d videos of %d frames: keyframes of %s, frames between from %s",
         num,
@@ -358,6 +369,7 @@ def _run_pipeline(
     out = pipe.generate(
         labels,
         jax.random.key(seed),
+        **text,
         sampler=sampler,
         steps=steps,
         guidance=guidance,

@@ -259,6 +259,22 @@ def caption(config: ml_collections.ConfigDict, label: int) -> str:
     return f"class {label}"
 
 
+def prompt_conditions(config: ml_collections.ConfigDict, prompt: str, num: int) -> dict:
+    """Keyword arguments of `inference.sample` / `Pipeline.generate` for `num` videos of one prompt: the prompt
+    itself for a model with the built-in text encoder ({"labels": None, "prompts": [...]}), its class label for a
+    class-conditional moving_shapes model ({"labels": int32 [num]}). Raises cli.UsageError for a prompt the model
+    cannot read (a model on precomputed embeddings needs them: `text_embeddings.read_npz`)."""
+    if builtin_text(config):
+        encode_prompts(config, [prompt])  # refused here, naming the word or the lengths
+        return {"labels": None, "prompts": [prompt] * num}
+    if config.model.get("text_dim"):
+        raise cli.UsageError(
+            "this model reads precomputed text embeddings: pass text and text_mask (vdit_jax.data.text_embeddings."
+            "read_npz of a file its encoder wrote), not a free-text prompt"
+        )
+    return {"labels": np.full((num,), parse_prompt(config, prompt), np.int32)}
+
+
 def parse_prompt(config: ml_collections.ConfigDict, prompt: str) -> int:
     """The class label of a prompt; raises cli.UsageError naming the prompt and the grammar."""
     if config.data.name != MOVING_SHAPES:
