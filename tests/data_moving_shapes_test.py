@@ -56,6 +56,7 @@ def test_label_formula_and_caption_round_trip():
     assert ms.caption_for(0) == "a red square moving left"
     assert ms.caption_for(83) == "a white triangle moving down"
     assert ms.parse_caption("  A Blue   CIRCLE moving up ") == ms.label_for("blue", "circle", "up")
+    assert ms.parse_caption("A blue circle, moving up.") == ms.label_for("blue", "circle", "up")  # punctuation
 
 
 @pytest.mark.parametrize(

@@ -92,9 +92,10 @@ _CAPTION_RE = re.compile(r"a (\w+) (\w+) moving (\w+)")
 def parse_caption(text: str) -> int:
     """The class label of a caption; ValueError naming the prompt and the grammar if it does not parse.
 
-    Whitespace and case are normalised ("A Red  square moving LEFT" is fine); the words must be from the vocabulary.
+    Whitespace, case and punctuation are normalised ("A Red  square, moving LEFT." is fine: its words are runs of
+    letters and digits, as the built-in tokenizer reads them); the words must be from the vocabulary.
     """
-    normalised = " ".join(str(text).lower().split())
+    normalised = " ".join(re.findall(r"[a-z0-9]+", str(text).lower()))
     match = _CAPTION_RE.fullmatch(normalised)
     if match is None or match[1] not in COLOURS or match[2] not in SHAPES or match[3] not in DIRECTIONS:
         raise ValueError(f"prompt {text!r} is not a moving_shapes caption; expected {GRAMMAR}")
