@@ -1,5 +1,7 @@
 """Shared test helpers: tiny configs built from the base config with overrides (never a production config)."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,17 @@ def tiny_keyframe_config():
     c.data.frame_stride = 4
     c.train.global_batch_size = 2
     return c
+
+
+def stand_in_encoder(captions, dim=12):
+    """A deterministic stand-in for a frozen text encoder (`vdit_jax.data.text_embeddings`): one seeded vector per
+    word (seeded by the word's CRC), masked padding. Importable without the CLIs' flags:
+    `--encoder=tests.helpers:stand_in_encoder`."""
+    words = [c.split() for c in captions]
+    emb = np.zeros((len(captions), max(map(len, words)), dim), np.float32)
+    mask = np.zeros(emb.shape[:2], bool)
+    for i, ws in enumerate(words):
+        for j, w in enumerate(ws):
+            emb[i, j] = np.random.default_rng(zlib.crc32(w.encode())).standard_normal(dim)
+            mask[i, j] = True
+    return emb, mask

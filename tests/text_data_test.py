@@ -2,12 +2,11 @@
 training, a precomputed-embedding dataset written with an external encoder (a deterministic stand-in here) and read
 back, embedding files, and `--prompt` / `--text_embeddings` through the sample CLI."""
 
-import zlib
-
 import jax
 import numpy as np
 import pytest
 
+from tests.helpers import stand_in_encoder
 from vdit_jax import cli, inference, sample, tasks
 from vdit_jax import config as config_lib
 from vdit_jax.data import moving_shapes as ms
@@ -20,18 +19,6 @@ from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 
 HELD_OUT = tuple(ms.label_for(c, s, d) for c, s, d in [("red", "square", "left"), ("cyan", "circle", "up")])
-
-
-def stand_in_encoder(captions, dim=12):
-    """A deterministic "frozen encoder": one seeded vector per word (the CRC of the word), masked padding."""
-    words = [c.split() for c in captions]
-    emb = np.zeros((len(captions), max(map(len, words)), dim), np.float32)
-    mask = np.zeros(emb.shape[:2], bool)
-    for i, ws in enumerate(words):
-        for j, w in enumerate(ws):
-            emb[i, j] = np.random.default_rng(zlib.crc32(w.encode())).standard_normal(dim)
-            mask[i, j] = True
-    return emb, mask
 
 
 def text_config(builtin: bool, name: str = ms.NAME, text_dim: int = 16):
