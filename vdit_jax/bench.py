@@ -113,8 +113,9 @@ def _group_size(grouping: str, grid: layers.Grid, window) -> int:
     return int(np.prod(layers.clip_window(window, grid)))
 
 
-def forward_flops(mc: dit.DiTConfig, video_shape, text_len: int = 0) -> dict[str, float]:
-    """Matmul FLOPs of one forward pass on videos [B, T, H, W, C], by part (see the module docstring); `total`."""
+def forward_flops(mc: dit.DiTConfig, video_shape, text_len: int = 0, text_cached: bool = False) -> dict[str, float]:
+    """Matmul FLOPs of one forward pass on videos [B, T, H, W, C], by part (see the module docstring); `total`.
+    `text_cached`: a sampling step with the text cache (no text projection, no cross-attention keys and values)."""
     b = video_shape[0]
     grid = layers.token_grid(video_shape, mc.patch_size)
     n = int(np.prod(grid))
@@ -123,7 +124,7 @@ def forward_flops(mc: dit.DiTConfig, video_shape, text_len: int = 0) -> dict[str
     out = {
         "patch_embed": 2 * b * n * patch * mc.in_channels * d,
         "timestep": 2 * b * (FREQUENCY_SIZE * d + d * d),
-        "text_embed": 2 * b * length * (e * d + d * d),
+        "text_embed": 0 if text_cached else 2 * b * length * (e * d + d * d),
         "adaln": 0,
         "self_attention": 0,
         "cross_attention": 0,
@@ -143,7 +144,8 @@ def forward_flops(mc: dit.DiTConfig, video_shape, text_len: int = 0) -> dict[str
             s = _group_size(g, grid, window)
             out["self_attention"] += count * (2 * b * n * 3 * d * d + 4 * b * n * s * d + 2 * b * n * d * d)
         if length:
-            out["cross_attention"] += count * (4 * b * n * d * d + 4 * b * length * d * d + 4 * b * n * length * d)
+            kv = 0 if text_cached else 4 * b * length * d * d
+            out["cross_attention"] += count * (4 * b * n * d * d + kv + 4 * b * n * length * d)
         out["mlp"] += count * 4 * b * n * d * f
     out = {k: float(v) for k, v in out.items()}
     out["total"] = sum(out.values())
@@ -317,7 +319,7 @@ def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
         jax.block_until_ready(sample())  # compiles and runs once
         loop_first_s = time.perf_counter() - start
         loop_s = _time_calls(sample, 1)[0]
-    fwd = task.forward_flops(cfg_batch)
+    fwd = task.forward_flops(cfg_batch, text_cached=True)
     fields = {
         "batch": b,
         "cfg_batch": cfg_batch,

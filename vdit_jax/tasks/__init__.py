@@ -97,9 +97,10 @@ class Task(abc.ABC):
         (text models), for comparison."""
         raise NotImplementedError(f"the {self.kind!r} task has no sampling step to benchmark")
 
-    def forward_flops(self, batch_size: int) -> dict[str, float] | None:
-        """Analytic FLOPs of one forward on `batch_size` examples ({"total": ..., parts...}), or None."""
-        del batch_size
+    def forward_flops(self, batch_size: int, text_cached: bool = False) -> dict[str, float] | None:
+        """Analytic FLOPs of one forward on `batch_size` examples ({"total": ..., parts...}), or None;
+        `text_cached`: as a sampling step runs it, with what depends on the text alone computed once per loop."""
+        del batch_size, text_cached
         return None
 
     def tokens_per_example(self) -> int | None:

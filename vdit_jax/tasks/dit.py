@@ -307,11 +307,11 @@ class DiTTask(tasks.Task):
         b = batch["video"].shape[0]
         return model_fn, b if guidance == 1.0 else 2 * b
 
-    def forward_flops(self, batch_size: int) -> dict[str, float]:
+    def forward_flops(self, batch_size: int, text_cached: bool = False) -> dict[str, float]:
         from vdit_jax import bench
 
         return bench.forward_flops(
-            self.net, (batch_size, *config_lib.input_shape(self.config)), self.config.data.text_len
+            self.net, (batch_size, *config_lib.input_shape(self.config)), self.config.data.text_len, text_cached
         )
 
     def tokens_per_example(self) -> int:
