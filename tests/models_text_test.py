@@ -256,7 +256,9 @@ def test_text_train_step_sharded_equals_single_device(mode):
     negated = [dict(b, text=-b["text"]) for b in batches]
     # Only the padding differs: masked tokens must not change any loss.
     repadded = [dict(b, text=jnp.where(b["text_mask"][..., None], b["text"], 7.0)) for b in batches]
-    (_, single), (_, other), (_, padded) = run_steps(config, jax.devices()[:1], batches, negated, repadded)
+    (single_state, single), (other_state, other), (_, padded) = run_steps(
+        config, jax.devices()[:1], batches, negated, repadded
+    )
     config.mesh_shape.update(SHARDED[mode])
     state, sharded = run_steps(config, jax.devices(), batches)
     for a, b in zip(single, sharded, strict=True):
@@ -268,10 +270,12 @@ def test_text_train_step_sharded_equals_single_device(mode):
     # The text projection's kernel [text_embed, embed] is split over fsdp along the model width.
     kernel = state.params["text_embed"]["proj_in"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-    # The step reads the text. The zero-initialised output layers make the first two steps blind to it (no
-    # gradient reaches the cross-attention before the final layer has moved); the third step sees it.
+    # The step reads the text. The zero-initialised output layers make the first step blind to it (no gradient
+    # reaches the attention before the final layer has moved); from the second on, the updates of the gates depend
+    # on it, so three steps on the negated text end at other parameters (by ~lr; f32 noise is ~1e-7).
     np.testing.assert_allclose(other[0]["loss"], single[0]["loss"], rtol=1e-6)
-    assert abs(float(other[2]["loss"]) - float(single[2]["loss"])) > 1e-7
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), single_state.params, other_state.params)
+    assert max(jax.tree.leaves(moved)) > 1e-5, moved
 
 
 def test_text_config_validation():
