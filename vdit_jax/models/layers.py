@@ -268,6 +268,17 @@ class LabelEmbedder(nn.Module):
         return out
 
 
+def qk_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.RMSNorm:
+    """The RMSNorm of a query or key head [..., Dh] (QK-norm), its scale split like the head width."""
+    return nn.RMSNorm(
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.KV,)),
+        name=name,
+    )
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with QK RMSNorm and optional 3D RoPE, over one token grouping.
 
@@ -297,13 +308,7 @@ class Attention(nn.Module):
 
         q, k, v = heads("query"), heads("key"), heads("value")  # [B, N, heads, Dh]
         if self.qk_norm:
-            norm = lambda name: nn.RMSNorm(
-                epsilon=1e-6,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.KV,)),
-                name=name,
-            )
+            norm = lambda name: qk_norm(self.dtype, self.param_dtype, name)
             q, k = norm("query_norm")(q), norm("key_norm")(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -368,13 +373,7 @@ class CrossAttention(nn.Module):
         """x [B, N, D] -> [B, N, D]. `kv`: this layer's keys and values of the context, computed before (the
         sampler's text cache: they depend on the text only); x None: returns them, (k, v) [B, L, heads, Dh] each."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda name: nn.RMSNorm(
-            epsilon=1e-6,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.KV,)),
-            name=name,
-        )
+        norm = lambda name: qk_norm(self.dtype, self.param_dtype, name)
 
         def heads(name, src, length_axis):
             b, tokens, d = src.shape

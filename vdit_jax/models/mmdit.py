@@ -78,13 +78,7 @@ class _Stream(nn.Module):
         self.query = layers.dense(d, (sh.EMBED, sh.HEADS), name="query", **kw)
         self.key = layers.dense(d, (sh.EMBED, sh.HEADS), name="key", **kw)
         self.value = layers.dense(d, (sh.EMBED, sh.HEADS), name="value", **kw)
-        norm = lambda name: nn.RMSNorm(
-            epsilon=1e-6,
-            dtype=kw["dtype"],
-            param_dtype=kw["param_dtype"],
-            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.KV,)),
-            name=name,
-        )
+        norm = lambda name: layers.qk_norm(kw["dtype"], kw["param_dtype"], name)
         if cfg.qk_norm:
             self.query_norm, self.key_norm = norm("query_norm"), norm("key_norm")
         self.norm1 = layers.layer_norm(kw["dtype"], name="norm1")
