@@ -123,7 +123,11 @@ def test_drop_text():
     assert bool(all_real.all())
 
 
-MODES = {"cross": {}, "joint": {"text_mode": "joint", "single_stream_blocks": 1}}  # joint: a dual + a single block
+# joint: a dual + a single block. Both with the pooled text in the adaLN conditioning (its padding is masked too).
+MODES = {
+    "cross": {"text_pooled": True},
+    "joint": {"text_mode": "joint", "single_stream_blocks": 1, "text_pooled": True},
+}
 
 
 @pytest.fixture(scope="session", params=list(MODES))
@@ -239,16 +243,23 @@ def test_guidance_one_is_the_conditional_pass_and_the_null_is_shared(masked_mode
     np.testing.assert_allclose(guided, unconditional + 3.0 * (want - unconditional), atol=1e-4)
     dropped = dit.drop_text(jax.random.key(0), text, 1.0, mask)
     np.testing.assert_allclose(apply(cfg, params, x, t, *dropped), unconditional, atol=1e-5)
+    # The text cache (what the sampler computes once per loop: the pooled vector, cross-attention's keys and
+    # values) gives the uncached forward pass.
+    cache = jax.jit(lambda p: dit.DiT(cfg).apply(p, None, None, text=text, text_mask=mask))(params)
+    assert "pooled" in cache and ("kv" in cache) == (cfg.text_mode == "cross")
+    cached = jax.jit(lambda p, c: dit.DiT(cfg).apply(p, x, t, text_cache=c))(params, cache)
+    np.testing.assert_allclose(cached, want, atol=1e-5)
 
 
 # Each mode on a mesh with sequence parallelism: the video tokens split over `sequence` (joint attention gathers
 # them for its keys; cross-attention keeps its queries split and the text whole).
-SHARDED = {"cross": {"fsdp": 2, "sequence": 2, "tensor": 2}, "joint": {"data": 2, "sequence": 2, "tensor": 2}}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", list(SHARDED))
-def test_text_train_step_sharded_equals_single_device(mode):
+def test_text_train_step_sharded_equals_single_device():
+    """MM-DiT's train step (a dual- and a single-stream block) on {fsdp, sequence, tensor} = 2 x 2 x 2 fake devices:
+    the losses and gradient norms of one device; padding changes no loss; the step reads the text. Cross-attention
+    with a text mask on the same mesh, output and every gradient, is
+    tests/models_attention_test.py::test_sequence_parallel_dit_matches_single_device (one compile less here)."""
+    mode = "joint"
     config = text_config(**MODES[mode])
     config.model.depth = 1 + config.model.single_stream_blocks
     config_lib.validate(config, 8)
@@ -259,7 +270,7 @@ def test_text_train_step_sharded_equals_single_device(mode):
     (single_state, single), (other_state, other), (_, padded) = run_steps(
         config, jax.devices()[:1], batches, negated, repadded
     )
-    config.mesh_shape.update(SHARDED[mode])
+    config.mesh_shape.update({"fsdp": 2, "sequence": 2, "tensor": 2})
     state, sharded = run_steps(config, jax.devices(), batches)
     for a, b in zip(single, sharded, strict=True):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
@@ -291,6 +302,8 @@ def test_text_config_validation():
         tiny(single_stream_blocks=1)
     with pytest.raises(ValueError, match="text_mode 'mmdit' is not one of \\('cross', 'joint'\\)"):
         tiny(text_mode="mmdit")
+    with pytest.raises(ValueError, match="text_pooled needs text \\(text_dim > 0, got 0\\)"):
+        tiny(text_pooled=True, text_dim=0)
 
 
 @pytest.mark.slow

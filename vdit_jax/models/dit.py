@@ -66,6 +66,9 @@ class DiTConfig:
     # weights between the streams (Flux's single-stream blocks).
     text_mode: str = "cross"
     single_stream_blocks: int = 0
+    # Also add the pooled text (the masked mean of its token embeddings, through an MLP: `layers.PooledTextEmbedder`)
+    # to the timestep embedding that every adaLN reads, as SD3 and Flux add their pooled CLIP vector.
+    text_pooled: bool = False
     attention: str = "full"  # full / factorized / windowed
     # windowed only: spacetime windows in tokens (t, h, w), coarse to fine; depth is split evenly across them.
     windows: tuple[tuple[int, int, int], ...] = ((4, 8, 8), (2, 4, 4))
@@ -152,6 +155,8 @@ class DiTConfig:
                 f"single_stream_blocks must be in [0, depth={self.depth}] with text_mode 'joint' (0 otherwise), got "
                 f"{self.single_stream_blocks}"
             )
+        if self.text_pooled and not self.text_dim:
+            fail("text_pooled needs text (text_dim > 0, got 0)")
         if self.attention_impl not in attention.IMPLEMENTATIONS:
             fail(f"attention_impl {self.attention_impl!r} is not one of {attention.IMPLEMENTATIONS}")
         if self.sequence_parallel not in attention.SEQUENCE_PARALLEL:
@@ -337,11 +342,14 @@ class DiT(nn.Module):
                 cfg.num_classes, cfg.hidden_size, factors=tuple(cfg.label_factors), name="y_embed", **kw
             )(labels)
         c = nn.with_logical_constraint(c, (sh.BATCH, sh.ACT_EMBED))
-        kv = None
+        kv = pooled = None
         if text_cache is not None:
             context, context_mask, kv = text_cache["context"], text_cache["context_mask"], text_cache.get("kv")
+            pooled = text_cache.get("pooled")
         else:
-            context, context_mask = self._encode_text(text, text_mask)
+            context, context_mask, pooled = self._encode_text(text, text_mask)
+        if pooled is not None:
+            c = c + pooled.astype(c.dtype)
 
         joint = cfg.text_mode == "joint"
         # Cross-attention blocks carry the video tokens and read the context (or its cached keys and values: one
@@ -405,8 +413,9 @@ class DiT(nn.Module):
         return stack(*args, name=name)
 
     def _encode_text(self, text: jax.Array | None, text_mask: jax.Array | None):
-        """(context [B, L, D], mask [B, L]) of the text (None, None for a model without text): the built-in
-        encoder's output or the precomputed embeddings, projected to the width (`layers.TextEmbedder`)."""
+        """(context [B, L, D], mask [B, L], pooled [B, D] or None) of the text (None, None, None for a model without
+        text): the built-in encoder's output or the precomputed embeddings, projected to the width
+        (`layers.TextEmbedder`), and with `text_pooled` their pooled vector (`layers.PooledTextEmbedder`)."""
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         if cfg.text_vocab and (text is None or text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer)):
@@ -418,7 +427,7 @@ class DiT(nn.Module):
         if cfg.text_dim and text_mask is not None and (text_mask.shape != text.shape[:2] or text_mask.dtype != bool):
             got = f"{text_mask.dtype} {tuple(text_mask.shape)}"
             raise ValueError(f"text_mask must be bool [B, L] = {tuple(text.shape[:2])}, got {got}")
-        context = context_mask = None
+        context = context_mask = pooled = None
         if cfg.text_vocab:  # tokens -> [B, L, text_dim]; the padding (mask False) gives and gets no attention
             text_mask = text != text_lib.PAD if text_mask is None else text_mask
             text = text_lib.TextEncoder(
@@ -433,23 +442,27 @@ class DiT(nn.Module):
         if cfg.text_dim:
             context = layers.TextEmbedder(cfg.hidden_size, name="text_embed", **kw)(text)  # [B, L, D]
             context_mask = text_mask
+            if cfg.text_pooled:
+                pooled = layers.PooledTextEmbedder(cfg.hidden_size, name="text_pool", **kw)(text, text_mask)
         if cfg.text_mode == "joint":  # the text stream: padding zero from the start
             context_mask = jnp.ones(context.shape[:2], bool) if context_mask is None else context_mask
             context = jnp.where(context_mask[:, :, None], context, jnp.zeros((), context.dtype))
 
-        return context, context_mask
+        return context, context_mask, pooled
 
     def _text_cache(self, text: jax.Array, text_mask: jax.Array | None) -> dict:
-        """{"context": [B, L, D], "context_mask": [B, L], and for cross-attention "kv": {stage: (k, v)
-        [B, blocks, L, heads, Dh]}}: everything of the forward pass that depends on the text alone (the encoders,
-        the projection, every cross-attention's keys and values). `__call__(..., text_cache=...)` then skips it:
-        the sampler computes it once per loop, not once per denoising step. (Joint attention's text stream is
-        modulated by the timestep: only its input is cached.)"""
+        """{"context": [B, L, D], "context_mask": [B, L], with `text_pooled` "pooled": [B, D], and for
+        cross-attention "kv": {stage: (k, v) [B, blocks, L, heads, Dh]}}: everything of the forward pass that depends
+        on the text alone (the encoders, the projections, every cross-attention's keys and values).
+        `__call__(..., text_cache=...)` then skips it: the sampler computes it once per loop, not once per denoising
+        step. (Joint attention's text stream is modulated by the timestep: only its input is cached.)"""
         cfg = self.config
         if not cfg.text_dim:
             raise ValueError("this DiT takes no text: there is no text cache")
-        context, context_mask = self._encode_text(text, text_mask)
+        context, context_mask, pooled = self._encode_text(text, text_mask)
         cache = {"context": context, "context_mask": context_mask}
+        if pooled is not None:
+            cache["pooled"] = pooled
         if cfg.text_mode == "cross":
             cache["kv"] = {}
             grid = (1, 1, 1)  # the blocks' keys and values do not depend on the video grid

@@ -346,6 +346,35 @@ class TextEmbedder(nn.Module):
         return nn.with_logical_constraint(h, act)
 
 
+class PooledTextEmbedder(nn.Module):
+    """The pooled text vector added to the timestep embedding that drives every adaLN modulation (SD3's and Flux's
+    pooled CLIP vector `y`): the masked mean of the text's token embeddings [B, L, text_dim] over its real tokens
+    (`text_mask` bool [B, L]; an example with none pools to zeros), through Dense, SiLU, Dense -> [B, D].
+
+    A sentence-level summary every token sees from the first block on (the attribute words a class embedding would
+    carry), next to the token-level reading of cross- or joint attention. The output layer is zero-initialised, so
+    a fresh model's conditioning is the timestep's alone.
+    """
+
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, text: jax.Array, text_mask: jax.Array | None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        text = text.astype(jnp.float32)
+        if text_mask is None:
+            pooled = text.mean(1)
+        else:
+            weights = text_mask.astype(jnp.float32)[..., None]  # [B, L, 1]
+            pooled = (text * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+        h = dense(self.hidden_size, (sh.TEXT_EMBED, sh.EMBED), name="proj_in", **kw)(pooled.astype(self.dtype))
+        h = nn.with_logical_constraint(nn.silu(h), (sh.BATCH, sh.ACT_EMBED))
+        h = dense(self.hidden_size, (sh.MLP, sh.EMBED), zero_init=True, name="proj_out", **kw)(h)
+        return nn.with_logical_constraint(h, (sh.BATCH, sh.ACT_EMBED))
+
+
 class CrossAttention(nn.Module):
     """Multi-head cross-attention from video tokens x [B, N, D] to a text context [B, L, D], with QK RMSNorm.
 
