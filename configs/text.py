@@ -45,8 +45,9 @@ def get_config(arg: str = "cross"):
     c.model.text_encoder_depth = 2
     c.model.text_encoder_heads = 2
     c.model.text_max_len = 16
-    # The pooled caption in the adaLN conditioning too (SD3 / Flux): without it, cross-attention alone learned the
-    # colour but not the direction in the demo's budget (direction 0.25 = chance, shape 0.41; README).
+    # A pooled caption in the adaLN conditioning too (SD3 / Flux; for the built-in encoder a bag of words,
+    # `text.BagOfWords`): without it, cross-attention alone learned the colour but not the direction in the demo's
+    # budget (direction 0.25 = chance, shape 0.41; README).
     c.model.text_pooled = True
     if variant == "joint":
         c.model.text_mode = "joint"

@@ -80,11 +80,13 @@ def test_dit_with_the_built_in_encoder_reads_prompts_ignores_padding_and_shares_
     from tests.models_dit_test import inputs, tiny
     from vdit_jax.models import dit
 
-    cfg = tiny(num_classes=0, text_dim=16, text_vocab=VOCAB, text_max_len=12)
+    cfg = tiny(num_classes=0, text_dim=16, text_vocab=VOCAB, text_max_len=12, text_pooled=True)
     tok = text.Tokenizer(cfg.text_vocab)
     x, t, _ = inputs()
     params = randomize(nn.unbox(dit.init_params(cfg, jax.random.key(0), x.shape)), scale=0.2)
     assert "text_encoder" in params["params"]
+    # The pooled vector of the built-in encoder: a bag of words, one embedding per vocabulary entry.
+    assert params["params"]["text_pool"]["embed"]["embedding"].shape == (tok.vocab_size, cfg.hidden_size)
     fwd = jax.jit(lambda p, tokens, mask: dit.DiT(cfg).apply(p, x, t, None, tokens, None, mask))
     prompts = ["a red square moving up", "a blue square moving up"]
     out = fwd(params, *tok.encode(prompts, 8))

@@ -66,8 +66,9 @@ class DiTConfig:
     # weights between the streams (Flux's single-stream blocks).
     text_mode: str = "cross"
     single_stream_blocks: int = 0
-    # Also add the pooled text (the masked mean of its token embeddings, through an MLP: `layers.PooledTextEmbedder`)
-    # to the timestep embedding that every adaLN reads, as SD3 and Flux add their pooled CLIP vector.
+    # Also add a pooled text vector to the timestep embedding that every adaLN reads, as SD3 and Flux add their
+    # pooled CLIP vector: for precomputed embeddings their masked mean through an MLP (`layers.PooledTextEmbedder`);
+    # for the built-in encoder a bag of words in the model width (`text.BagOfWords`).
     text_pooled: bool = False
     attention: str = "full"  # full / factorized / windowed
     # windowed only: spacetime windows in tokens (t, h, w), coarse to fine; depth is split evenly across them.
@@ -415,7 +416,8 @@ class DiT(nn.Module):
     def _encode_text(self, text: jax.Array | None, text_mask: jax.Array | None):
         """(context [B, L, D], mask [B, L], pooled [B, D] or None) of the text (None, None, None for a model without
         text): the built-in encoder's output or the precomputed embeddings, projected to the width
-        (`layers.TextEmbedder`), and with `text_pooled` their pooled vector (`layers.PooledTextEmbedder`)."""
+        (`layers.TextEmbedder`), and with `text_pooled` the pooled vector (`layers.PooledTextEmbedder`, or
+        `text.BagOfWords` for the built-in encoder)."""
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         if cfg.text_vocab and (text is None or text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer)):
@@ -428,6 +430,7 @@ class DiT(nn.Module):
             got = f"{text_mask.dtype} {tuple(text_mask.shape)}"
             raise ValueError(f"text_mask must be bool [B, L] = {tuple(text.shape[:2])}, got {got}")
         context = context_mask = pooled = None
+        tokens = text
         if cfg.text_vocab:  # tokens -> [B, L, text_dim]; the padding (mask False) gives and gets no attention
             text_mask = text != text_lib.PAD if text_mask is None else text_mask
             text = text_lib.TextEncoder(
@@ -442,7 +445,11 @@ class DiT(nn.Module):
         if cfg.text_dim:
             context = layers.TextEmbedder(cfg.hidden_size, name="text_embed", **kw)(text)  # [B, L, D]
             context_mask = text_mask
-            if cfg.text_pooled:
+            if cfg.text_pooled and cfg.text_vocab:
+                pooled = text_lib.BagOfWords(
+                    text_lib.Tokenizer(cfg.text_vocab).vocab_size, cfg.hidden_size, name="text_pool", **kw
+                )(tokens, text_mask)
+            elif cfg.text_pooled:
                 pooled = layers.PooledTextEmbedder(cfg.hidden_size, name="text_pool", **kw)(text, text_mask)
         if cfg.text_mode == "joint":  # the text stream: padding zero from the start
             context_mask = jnp.ones(context.shape[:2], bool) if context_mask is None else context_mask

@@ -352,8 +352,9 @@ class PooledTextEmbedder(nn.Module):
     (`text_mask` bool [B, L]; an example with none pools to zeros), through Dense, SiLU, Dense -> [B, D].
 
     A sentence-level summary every token sees from the first block on (the attribute words a class embedding would
-    carry), next to the token-level reading of cross- or joint attention. The output layer is zero-initialised, so
-    a fresh model's conditioning is the timestep's alone.
+    carry), next to the token-level reading of cross- or joint attention. Both layers start from the ordinary
+    (Xavier) initialisation, as SD3's pooled projection does. For precomputed embeddings; the built-in encoder's
+    pooled vector is `text.BagOfWords` (this, on its outputs, did not learn the direction words: see there).
     """
 
     hidden_size: int
@@ -371,7 +372,7 @@ class PooledTextEmbedder(nn.Module):
             pooled = (text * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
         h = dense(self.hidden_size, (sh.TEXT_EMBED, sh.EMBED), name="proj_in", **kw)(pooled.astype(self.dtype))
         h = nn.with_logical_constraint(nn.silu(h), (sh.BATCH, sh.ACT_EMBED))
-        h = dense(self.hidden_size, (sh.MLP, sh.EMBED), zero_init=True, name="proj_out", **kw)(h)
+        h = dense(self.hidden_size, (sh.MLP, sh.EMBED), name="proj_out", **kw)(h)
         return nn.with_logical_constraint(h, (sh.BATCH, sh.ACT_EMBED))
 
 

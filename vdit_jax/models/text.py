@@ -164,3 +164,35 @@ class TextEncoder(nn.Module):
             h = _EncoderBlock(self.width, self.num_heads, self.mlp_ratio, name=f"block{i}", **kw)(h, mask)
         h = layers.layer_norm(self.dtype, name="final_norm")(h)
         return jnp.where(mask[..., None], h, 0.0).astype(self.dtype)  # padding: exactly zero
+
+
+class BagOfWords(nn.Module):
+    """tokens int32 [B, L] (+ mask bool [B, L], True = real) -> [B, width]: the sum of one learned embedding per
+    real token (`<bos>` included, so the null prompt has one too).
+
+    The built-in encoder's pooled text vector (`DiTConfig.text_pooled`), added to the adaLN conditioning: the
+    factored class embedding (`layers.LabelEmbedder` with `label_factors`) generalised to free text, one vector
+    per word instead of per attribute, so a new combination of known words gets a new sum. Measured on the CPU
+    demo's recipe at 1,200 steps (`configs/text.py:cross`, denoising loss at t = 800 with the direction word
+    swapped, README): +2.5 % with it, as the class model's +2.6 % for a swapped direction label; the masked mean of
+    the encoder's outputs through an MLP (`layers.PooledTextEmbedder`, SD3's pooled projection) gave +0.0 %: the
+    jointly trained encoder learned the colour words first and the DiT never read the direction.
+    """
+
+    vocab_size: int
+    width: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        embed = nn.Embed(
+            self.vocab_size,
+            self.width,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (sh.VOCAB, sh.EMBED)),
+            name="embed",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        h = (embed(tokens) * mask[..., None].astype(self.dtype)).sum(1)
+        return nn.with_logical_constraint(h, (sh.BATCH, sh.ACT_EMBED))
