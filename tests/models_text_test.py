@@ -15,7 +15,9 @@ from tests import helpers
 from tests.models_dit_test import _unstack_scanned, randomize
 from vdit_jax import config as config_lib
 from vdit_jax import inference
+from vdit_jax.data import moving_shapes as ms
 from vdit_jax.models import attention, dit
+from vdit_jax.models import text as text_lib
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import state as state_lib
@@ -258,19 +260,27 @@ def test_guidance_one_is_the_conditional_pass_and_the_null_is_shared(masked_mode
 # them for its keys; cross-attention keeps its queries split and the text whole).
 @pytest.mark.slow
 def test_text_train_step_sharded_equals_single_device():
-    """MM-DiT's train step (a dual- and a single-stream block) on {fsdp, sequence, tensor} = 2 x 2 x 2 fake devices:
-    the losses and gradient norms of one device; padding changes no loss; the step reads the text. Cross-attention
-    with a text mask on the same mesh, output and every gradient, is
-    tests/models_attention_test.py::test_sequence_parallel_dit_matches_single_device (one compile less here)."""
-    config = text_config(**MODES["joint"])
+    """MM-DiT's train step (a dual- and a single-stream block) reading prompts through the built-in text encoder on
+    {fsdp, sequence, tensor} = 2 x 2 x 2 fake devices: the losses and gradient norms of one device; padding changes
+    no loss; the step reads the text. Cross-attention with precomputed embeddings and a text mask on the same mesh,
+    output and every gradient, is tests/models_attention_test.py::test_sequence_parallel_dit_matches_single_device
+    (one compile less here)."""
+    config = text_config(**MODES["joint"], text_vocab=ms.VOCABULARY, text_encoder_depth=1)
     config.model.depth = 1 + config.model.single_stream_blocks
     config_lib.validate(config, 8)
-    batches = text_batches(config, 3)
-    negated = [dict(b, text=-b["text"]) for b in batches]
-    # Only the padding differs: masked tokens must not change any loss.
-    repadded = [dict(b, text=jnp.where(b["text_mask"][..., None], b["text"], 7.0)) for b in batches]
-    (single_state, single), (other_state, other), (_, padded) = run_steps(
-        config, jax.devices()[:1], batches, negated, repadded
+    tokenizer = text_lib.Tokenizer(ms.VOCABULARY)
+    batches = []
+    for i, batch in enumerate(helpers.random_batches(config, 3)):
+        rng = np.random.default_rng(i)
+        prompts = [ms.caption_for(int(label)) for label in rng.integers(0, ms.NUM_CLASSES, len(batch["video"]))]
+        prompts = [" ".join(p.split()[: int(rng.integers(0, 5))]) for p in prompts]  # 1..4 real tokens of 5
+        tokens, mask = tokenizer.encode(prompts, TEXT_LEN)
+        batches.append(dict(batch, tokens=tokens, text_mask=mask))
+    other = [dict(b, tokens=np.where(b["text_mask"], 3, text_lib.PAD)) for b in batches]  # one word throughout
+    # Only the padding differs: masked tokens (any id) must not change any loss.
+    repadded = [dict(b, tokens=np.where(b["text_mask"], b["tokens"], 5)) for b in batches]
+    (single_state, single), (other_state, moved_by), (_, padded) = run_steps(
+        config, jax.devices()[:1], batches, other, repadded
     )
     config.mesh_shape.update({"fsdp": 2, "sequence": 2, "tensor": 2})
     state, sharded = run_steps(config, jax.devices(), batches)
@@ -280,13 +290,13 @@ def test_text_train_step_sharded_equals_single_device():
     assert single[0]["grad_norm"] > 0
     for a, b in zip(single, padded, strict=True):
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
-    # The text projection's kernel [text_embed, embed] is split over fsdp along the model width.
+    # The text projection's kernel [text width, embed] is split over fsdp along the model width.
     kernel = state.params["text_embed"]["proj_in"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     # The step reads the text. The zero-initialised output layers make the first step blind to it (no gradient
     # reaches the attention before the final layer has moved); from the second on, the updates of the gates depend
-    # on it, so three steps on the negated text end at other parameters (by ~lr; f32 noise is ~1e-7).
-    np.testing.assert_allclose(other[0]["loss"], single[0]["loss"], rtol=1e-6)
+    # on it, so three steps on other prompts end at other parameters (by ~lr; f32 noise is ~1e-7).
+    np.testing.assert_allclose(moved_by[0]["loss"], single[0]["loss"], rtol=1e-6)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), single_state.params, other_state.params)
     assert max(jax.tree.leaves(moved)) > 1e-5, moved
 

@@ -16,7 +16,6 @@ from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import checkpoint as ckpt_lib
 from vdit_jax.train import state as state_lib
-from vdit_jax.train import step as step_lib
 
 HELD_OUT = tuple(ms.label_for(c, s, d) for c, s, d in [("red", "square", "left"), ("cyan", "circle", "up")])
 
@@ -72,31 +71,26 @@ def test_built_in_text_batches_tokenize_captions_and_training_leaves_out_held_ou
         config_lib.validate(bad, 1)
 
 
-def _write_run(config, workdir, batch=None):
-    """A run in the trainer's format: one train step on `batch` (None: the initial parameters), checkpointed."""
+def _write_run(config, workdir):
+    """A run in the trainer's format (config.json and a checkpoint) holding the model's initial parameters."""
     mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
     rules = sh.rules_from_config(config.logical_axis_rules)
     state = state_lib.create_train_state(config, mesh, rules, jax.random.key(0))
-    metrics = None
-    if batch is not None:
-        with step_lib.logical_context(mesh, rules):
-            state, metrics = step_lib.make_train_step(config, mesh, rules)(state, batch)
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-    ckpt.save(int(batch is not None), state, config=config, force=True)
+    ckpt.save(0, state, config=config, force=True)
     ckpt.close()
-    return metrics
 
 
 SAMPLE_ARGS = dict(step=None, label=None, steps=2, sampler=None, eta=None, guidance=None, seed=0, batch_size=8)
 
 
-def test_free_text_prompts_train_and_sample_through_the_cli(moving_shapes_dir, tmp_path):
+def test_free_text_prompts_sample_through_the_cli(moving_shapes_dir, tmp_path):
+    """A run of the built-in encoder (its initial parameters: its train step is
+    tests/models_text_test.py::test_text_train_step_sharded_equals_single_device's) sampled from free text."""
     config = text_config(builtin=True)
-    batch = next(iter(sources.make_train_dataset(config, moving_shapes_dir)))
-    metrics = _write_run(config, tmp_path / "run", batch)
-    assert np.isfinite(float(metrics["loss"]))
+    _write_run(config, tmp_path / "run")
     prompt = "A cyan triangle, moving UP"  # free text: case and punctuation are the tokenizer's business
     path = sample.run(tmp_path / "run", prompt=prompt, num=2, out_dir=tmp_path / "out", **SAMPLE_ARGS)
     with np.load(path) as data:
