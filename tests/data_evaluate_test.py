@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from vdit_jax import cli
+from vdit_jax import evaluate as evaluate_cli
 from vdit_jax.data import evaluate as ev
 from vdit_jax.data import moving_shapes as ms
 
@@ -131,8 +133,17 @@ def test_cli_prints_metrics_as_json(tmp_path, test_split):
 
 @pytest.mark.parametrize("contents", ["missing", "not_npz", "no_prompts", "bad_prompt", "bad_videos"])
 def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, contents):
+    """A missing file through the CLI process (exit 2, one `error:` line naming it); the other bad files where they
+    enter (`evaluate.run` raises the `cli.UsageError` that the CLI prints as that line)."""
     path = tmp_path / "samples.npz"
     videos, prompts = _rendered(8, 32, 2)
+    if contents == "missing":
+        result = _cli(f"--samples={path}")
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
+        assert "Traceback" not in result.stderr and result.stdout == ""
+        return
     if contents == "not_npz":
         path.write_text("hello")
     elif contents == "no_prompts":
@@ -141,11 +152,9 @@ def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, contents):
         np.savez(path, videos=videos, prompts=np.array(["a red blob", "x"]))
     elif contents == "bad_videos":
         np.savez(path, videos=np.zeros((2, 3)), prompts=np.array(prompts))
-    result = _cli(f"--samples={path}")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
+    with pytest.raises(cli.UsageError) as raised:
+        evaluate_cli.run(str(path))
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_continuations_are_scored_on_their_generated_frames_with_the_seam(tmp_path, test_split):

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import TRAINED, TRAINED_STEPS
 from tests.xla_flags import xla_flags
-from vdit_jax import inference
+from vdit_jax import cli, inference, sample
 from vdit_jax.data import evaluate as evaluate_lib
 from vdit_jax.train import metrics as metrics_lib
 
@@ -209,22 +209,27 @@ def test_train_sample_evaluate_end_to_end(tmp_path, trained):
 
 
 @pytest.mark.xdist_group("trained")  # one worker builds the `trained_run` fixture (launch/test.sh: loadgroup)
-@pytest.mark.parametrize(
-    "args,match",
-    [
-        (["--prompt=a purple square moving right"], "prompt 'a purple square moving right' is not a moving_shapes"),
-        (["--sampler=euler"], "--sampler='euler' is not allowed"),
-        (["--label=99"], r"--label=99 is out of range; allowed: 0..83"),
-        (["--steps=0"], r"--steps=0 must be in \[1, 50\]"),
-    ],
-)
-def test_sample_cli_bad_input_is_one_clear_line(tmp_path, trained, args, match):
-    proc = _run(_cmd("vdit_jax.sample", f"--workdir={trained}", f"--out_dir={tmp_path}", *args))
+def test_sample_cli_bad_input_is_one_clear_line(tmp_path, trained):
+    """Through the CLI process: exit 2 and one `error:` line naming the value and what is allowed. The other
+    values are checked where they enter (`sample.run` raises the `cli.UsageError` that the CLI prints)."""
+    proc = _run(
+        _cmd(
+            "vdit_jax.sample", f"--workdir={trained}", f"--out_dir={tmp_path}", "--prompt=a purple square moving right"
+        )
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ")
     assert "Traceback" not in proc.stderr
-    assert re.search(match, last), last
+    assert re.search("prompt 'a purple square moving right' is not a moving_shapes", last), last
+    args = dict(step=None, prompt=None, label=None, num=1, steps=None, sampler=None, eta=None, guidance=None, seed=0)
+    for bad, match in [
+        (dict(sampler="euler"), "--sampler='euler' is not allowed"),
+        (dict(label=99), r"--label=99 is out of range; allowed: 0..83"),
+        (dict(steps=0), r"--steps=0 must be in \[1, 50\]"),
+    ]:
+        with pytest.raises(cli.UsageError, match=match):
+            sample.run(trained, out_dir=tmp_path, batch_size=8, **{**args, **bad})
 
 
 def test_train_cli_bad_config_is_one_clear_line(tmp_path, data_dir):
