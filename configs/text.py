@@ -1,8 +1,8 @@
 """Text-to-video on moving_shapes/8x16: `--config=configs/text.py:VARIANT` with VARIANT `cross` or `joint`.
 
-The CPU demo's DiT recipe (configs/moving_shapes.py:tiny) conditioned on the captions through the built-in text
-encoder (`vdit_jax.models.text`: the caption words as the vocabulary, a 2-block transformer of width 64, trained
-with the DiT) instead of class labels:
+The CPU demo's DiT recipe (configs/moving_shapes.py:tiny), with tokens of 2 frames x 4x4 pixels, conditioned on the
+captions through the built-in text encoder (`vdit_jax.models.text`: the caption words as the vocabulary, a 2-block
+transformer of width 64, trained with the DiT) instead of class labels:
 
 cross  a cross-attention sublayer in every block (PixArt / Open-Sora / Wan)
 joint  MM-DiT joint attention (SD3 / Flux / HunyuanVideo): dual-stream blocks, the last one single-stream
@@ -49,6 +49,10 @@ def get_config(arg: str = "cross"):
     # `text.BagOfWords`): without it, cross-attention alone learned the colour but not the direction in the demo's
     # budget (direction 0.25 = chance, shape 0.41; README).
     c.model.text_pooled = True
+    # Tokens of 2 frames x 4x4 pixels instead of the class demo's 8 frames x 2x2: the same 64 tokens of 96 values (the
+    # same cost a step), but a token no longer smears the moving object over all 8 frames, so its outline survives
+    # (shape on the seen prompts 0.60 -> 0.80 for `joint` at 4,000 steps; the keyframe DiT's finding, README).
+    c.model.patch_size = (2, 4, 4)
     if variant == "joint":
         c.model.text_mode = "joint"
         c.model.single_stream_blocks = 1

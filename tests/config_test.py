@@ -6,8 +6,11 @@ import ml_collections
 import pytest
 
 from configs import moving_shapes
+from configs import multistage as multistage_configs
+from configs import text as text_configs
 from tests import helpers
 from vdit_jax import config as config_lib
+from vdit_jax.models import layers
 
 
 def test_shipped_variants_validate():
@@ -15,6 +18,12 @@ def test_shipped_variants_validate():
         config_lib.validate(moving_shapes.get_config(variant), num_devices=8)
     with pytest.raises(ValueError, match="unknown moving_shapes variant 'XXL'"):
         moving_shapes.get_config("XXL")
+    for variant in text_configs.VARIANTS:  # the text-to-video demo (README): 64 tokens, as the class demo has
+        config = text_configs.get_config(variant)
+        config_lib.validate(config, num_devices=1)
+        assert layers.token_grid((1, *config.data.video_shape), config.model.patch_size) == (4, 4, 4)
+    for variant in multistage_configs.VARIANTS:
+        config_lib.validate(multistage_configs.get_config(variant), num_devices=1)
 
 
 def _set(config, key, value):
