@@ -24,10 +24,12 @@ HELD_OUT_COMBINATIONS = tuple((ms.COLOUR_NAMES[i], ms.SHAPES[i % 3], ms.DIRECTIO
 )
 HELD_OUT = tuple(sorted(ms.label_for(*combo) for combo in HELD_OUT_COMBINATIONS))
 
-# Steps for the class demo's training time (its 4,600 steps) on 2 cores. Measured on an idle CPU, the training
-# loop itself (`vdit_jax.train --config.train.num_steps=700`, compile, logging and checkpoints included): 133 s for
-# the class demo, 169 s for `cross`, 153 s for `joint`; so 4,600 x 133 / 169 and 4,600 x 133 / 153.
-STEPS = {"cross": 3600, "joint": 4000}
+# Steps for the class demo's training time (its 4,600 steps) on 2 cores. The train step alone, 150 steps twice over
+# on an idle CPU (median; with these tokens): class demo 186 / 190 ms, `cross` 216 / 212 ms, `joint` 230 / 200 ms,
+# about 1.14 times the demo's step in both modes, and 8 to 10 s more compile (1 % of the budget); so 4,600 / 1.14,
+# about 4,000 steps each. (An earlier count, 700 steps of the whole loop with the demo's tokens, gave 3,600 for
+# `cross`: over 700 steps the compile weighs about six times what it does over 4,000.)
+STEPS = {"cross": 4000, "joint": 4000}
 
 
 def get_config(arg: str = "cross"):
