@@ -199,18 +199,6 @@ def text_config(**model_overrides):
     return c
 
 
-def text_batches(config, n):
-    """Random batches with text of varying real lengths (1..L tokens, the rest padding marked False)."""
-    out = []
-    b, length = config.train.global_batch_size, config.data.text_len
-    for i, batch in enumerate(helpers.random_batches(config, n)):
-        k1, k2 = jax.random.split(jax.random.key(100 + i))
-        text = jax.random.normal(k1, (b, length, config.model.text_dim))
-        mask = jnp.arange(length)[None] < jax.random.randint(k2, (b, 1), 1, length + 1)
-        out.append(dict(batch, text=text, text_mask=mask))
-    return out
-
-
 def run_steps(config, devices, *batch_lists):
     """Trains from the same fresh state through each list of batches with one compiled step."""
     mesh = mesh_lib.make_mesh(config.mesh_shape.to_dict(), devices)
@@ -273,7 +261,7 @@ def test_text_train_step_sharded_equals_single_device():
     for i, batch in enumerate(helpers.random_batches(config, 3)):
         rng = np.random.default_rng(i)
         prompts = [ms.caption_for(int(label)) for label in rng.integers(0, ms.NUM_CLASSES, len(batch["video"]))]
-        prompts = [" ".join(p.split()[: int(rng.integers(0, 5))]) for p in prompts]  # 1..4 real tokens of 5
+        prompts = [" ".join(p.split()[: int(rng.integers(0, 5))]) for p in prompts]  # 0..4 words: <bos> + up to 4
         tokens, mask = tokenizer.encode(prompts, TEXT_LEN)
         batches.append(dict(batch, tokens=tokens, text_mask=mask))
     other = [dict(b, tokens=np.where(b["text_mask"], 3, text_lib.PAD)) for b in batches]  # one word throughout
