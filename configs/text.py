@@ -24,12 +24,13 @@ HELD_OUT_COMBINATIONS = tuple((ms.COLOUR_NAMES[i], ms.SHAPES[i % 3], ms.DIRECTIO
 )
 HELD_OUT = tuple(sorted(ms.label_for(*combo) for combo in HELD_OUT_COMBINATIONS))
 
-# Steps for the class demo's training time (its 4,600 steps) on 2 cores. The train step alone, 150 steps twice over
-# on an idle CPU (median; with these tokens): class demo 186 / 190 ms, `cross` 216 / 212 ms, `joint` 230 / 200 ms,
-# about 1.14 times the demo's step in both modes, and 8 to 10 s more compile (1 % of the budget); so 4,600 / 1.14,
-# about 4,000 steps each. (An earlier count, 700 steps of the whole loop with the demo's tokens, gave 3,600 for
-# `cross`: over 700 steps the compile weighs about six times what it does over 4,000.)
-STEPS = {"cross": 4000, "joint": 4000}
+# Steps for the class demo's training time (its 4,600 steps) on 2 cores, timed with the training loop itself
+# (`vdit_jax.train ... --config.train.sample_num=0`, metrics.jsonl every 200 steps, a nearly idle CPU, 2026-11-30):
+# the first 200 steps (start-up and compile) took 54.6 s for the class demo, 69 s for `cross`, 71.4 s for `joint`,
+# then 191.5, 227 and 214.5 ms a step; the demo's 4,600 steps are ~899 s (from its first 1,600), which buy 3,850
+# `cross` and 4,050 `joint` steps. (Timing the train step alone gave 1.14 times the demo's for both; a 700-step loop with the
+# demo's tokens gave 3,600 for `cross`.)
+STEPS = {"cross": 3850, "joint": 4000}
 
 
 def get_config(arg: str = "cross"):
