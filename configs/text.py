@@ -28,8 +28,8 @@ HELD_OUT = tuple(sorted(ms.label_for(*combo) for combo in HELD_OUT_COMBINATIONS)
 # (`vdit_jax.train ... --config.train.sample_num=0`, metrics.jsonl every 200 steps, a nearly idle CPU, 2026-11-30):
 # the first 200 steps (start-up and compile) took 54.6 s for the class demo, 69 s for `cross`, 71.4 s for `joint`,
 # then 191.5, 227 and 214.5 ms a step; the demo's 4,600 steps are ~899 s (from its first 1,600), which buy 3,850
-# `cross` and 4,050 `joint` steps. (Timing the train step alone gave 1.14 times the demo's for both; a 700-step loop with the
-# demo's tokens gave 3,600 for `cross`.)
+# `cross` and 4,050 `joint` steps. (Timing the train step alone gave 1.14 times the demo's for both; a 700-step
+# loop with the demo's tokens gave 3,600 for `cross`.)
 STEPS = {"cross": 3850, "joint": 4000}
 
 
