@@ -152,4 +152,5 @@ def test_fine_tuning_moves_only_the_adapters_of_a_scanned_dit():
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses  # every step lowers the loss
     jax.tree.map(np.testing.assert_array_equal, new["base"], tree["base"])
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new["lora"], tree["lora"])
-    assert all(v > 0 for path, v in flax.traverse_util.flatten_dict(moved, sep="/").items() if path.endswith("/b"))
+    moved_b = [v for path, v in flax.traverse_util.flatten_dict(moved, sep="/").items() if path.endswith("/b")]
+    assert len(moved_b) == 4 and all(v > 0 for v in moved_b), moved  # q, k, v, out of the scanned self-attention
