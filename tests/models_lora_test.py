@@ -72,15 +72,16 @@ def test_identity_at_init_activation_space_equality_and_several_adapters():
     params = _params()
     cfg = lora.LoraConfig(rank=3, alpha=6.0, targets=("self_attn", "mlp"))
     fresh = lora.init(cfg, params, jax.random.key(0))
-    assert fresh["stage0/attn_full/query/kernel"]["a"].shape == (2, 8, 3)
-    assert fresh["stage0/attn_full/query/kernel"]["b"].shape == (2, 3, 6)
-    assert float(jnp.abs(fresh["stage1/mlp/fc1/kernel"]["a"]).max()) <= 1 / np.sqrt(8)  # PEFT's Kaiming bound
+    assert fresh["stage0"]["attn_full"]["query"]["kernel"]["a"].shape == (2, 8, 3)  # the base's layout, kernels cut
+    assert fresh["stage0"]["attn_full"]["query"]["kernel"]["b"].shape == (2, 3, 6)
+    assert sorted(lora.pairs(fresh)) == ["stage0/attn_full/query/kernel", "stage1/mlp/fc1/kernel"]
+    assert float(jnp.abs(lora.pairs(fresh)["stage1/mlp/fc1/kernel"]["a"]).max()) <= 1 / np.sqrt(8)  # PEFT's bound
     jax.tree.map(np.testing.assert_array_equal, lora.merge(params, [(cfg, fresh, 1.0)]), params)  # B = 0: exact
 
     adapter = _randomized(fresh, 1)
     merged = lora.merge(params, [(cfg, adapter, 1.0)])
     x = jax.random.normal(jax.random.key(1), (2, 5, 8))  # [layers, tokens, in] for the scanned kernel
-    pair, w = adapter["stage0/attn_full/query/kernel"], params["stage0"]["attn_full"]["query"]["kernel"]
+    pair, w = lora.pairs(adapter)["stage0/attn_full/query/kernel"], params["stage0"]["attn_full"]["query"]["kernel"]
     activation_space = x @ w + cfg.scale * ((x @ pair["a"]) @ pair["b"])
     np.testing.assert_allclose(x @ merged["stage0"]["attn_full"]["query"]["kernel"], activation_space, rtol=1e-5)
     np.testing.assert_array_equal(merged["stage1"]["mlp"]["fc1"]["bias"], params["stage1"]["mlp"]["fc1"]["bias"])
@@ -91,8 +92,8 @@ def test_identity_at_init_activation_space_equality_and_several_adapters():
     key = "stage1/mlp/fc1/kernel"
     want = (
         params["stage1"]["mlp"]["fc1"]["kernel"]
-        + 0.5 * lora.delta(cfg, adapter[key])
-        + 2.0 * lora.delta(other_cfg, other[key])
+        + 0.5 * lora.delta(cfg, lora.pairs(adapter)[key])
+        + 2.0 * lora.delta(other_cfg, lora.pairs(other)[key])
     )
     np.testing.assert_allclose(both["stage1"]["mlp"]["fc1"]["kernel"], want, rtol=1e-5, atol=1e-6)
 

@@ -18,7 +18,7 @@ import ml_collections
 from vdit_jax import diffusion
 from vdit_jax.data import moving_shapes
 from vdit_jax.diffusion import LOSS_TYPES, PREDICTIONS, SCHEDULES, TIMESTEP_SAMPLINGS
-from vdit_jax.models import dit
+from vdit_jax.models import dit, lora
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 
@@ -121,10 +121,31 @@ def base_config(kind: str = "dit") -> ml_collections.ConfigDict:
     c.sample.ddpm_variance = "fixed_small"  # fixed_small / fixed_large
     c.sample.fps = 8
 
+    # LoRA fine-tuning (vdit_jax.models.lora; rank 0 = off, the whole network is trained): the run trains low-rank
+    # adapters on the kernels `targets` names (presets of lora.PRESETS or regexes on "/"-joined parameter paths) of
+    # the frozen EMA parameters of the run in `base_workdir` (its latest checkpoint, or `base_step`). The model
+    # config must equal the base's. Checkpoints then hold the adapter alone (its train state) and the metadata
+    # that ties it to the base; sampling the run merges it into the base.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.lora.targets = ("attn",)
+    c.lora.base_workdir = ""  # a training workdir (local or gs://)
+    c.lora.base_step = -1  # -1 = the base's latest checkpoint
+
     # Parallelism: mesh axes data, fsdp, tensor, sequence (-1 = the rest of the devices) and logical rules.
     c.mesh_shape = ml_collections.ConfigDict({sh.DATA: -1, sh.FSDP: 1, sh.TENSOR: 1, sh.SEQUENCE: 1})
     c.logical_axis_rules = sh.default_rules()
     return c
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:
+    """The `models.lora.LoraConfig` of `config.lora`, or None when LoRA is off (rank 0). Raises ValueError for a
+    bad alpha or target."""
+    lo = config.lora
+    if not lo.rank:
+        return None
+    return lora.LoraConfig(rank=int(lo.rank), alpha=float(lo.alpha), targets=tuple(lo.targets))
 
 
 def default_dit_model() -> ml_collections.ConfigDict:
@@ -213,6 +234,7 @@ _LEAF_TYPES = {
     "model.attention_levels": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
     "data.exclude_labels": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
     "model.text_vocab": ("a tuple of words", lambda v: _is_seq(v, lambda w: isinstance(w, str))),
+    "lora.targets": ("a tuple of preset names or regexes", lambda v: _is_seq(v, lambda w: isinstance(w, str))),
     "logical_axis_rules": ("a tuple of (logical_name, mesh_axes) pairs", lambda v: _is_seq(v, _is_rule)),
 }
 _BASE_TYPES = {
@@ -355,6 +377,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
 
     # The network's own values (the task of config.model.kind).
     task.validate(config)
+
+    # LoRA fine-tuning.
+    lo = config.lora
+    check(lo.rank >= 0, f"config.lora.rank={lo.rank} must be >= 0 (0 = off: the whole network is trained)")
+    if lo.rank:
+        try:
+            lora_config(config)
+        except ValueError as e:
+            raise ConfigError(f"config.lora: {e}") from None
+        check(lo.base_workdir != "", "config.lora.rank > 0 needs config.lora.base_workdir (the run to adapt)")
+        check(lo.base_step >= -1, f"config.lora.base_step={lo.base_step} must be >= 0, or -1 for the latest")
 
     # The mesh and the batch.
     try:

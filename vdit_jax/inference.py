@@ -6,9 +6,11 @@ the network is passed as `Partial(apply, params)`, so sampling again with new pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -16,6 +18,7 @@ import numpy as np
 
 from vdit_jax import config as config_lib
 from vdit_jax import paths, tasks
+from vdit_jax.models import lora
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import checkpoint as ckpt_lib
@@ -100,27 +103,95 @@ def gather_params(params):
 def load(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict, int]:
     """(config, EMA params, step) of the latest (or a given) checkpoint of a training workdir, on one device.
 
-    `workdir` is any `etils.epath` path (a local directory or `gs://bucket/run`).
+    `workdir` is any `etils.epath` path (a local directory or `gs://bucket/run`). A LoRA run's workdir
+    (`config.lora.rank > 0`) gives its base's parameters (the step it was trained on) with its EMA adapter merged
+    (`apply_adapters`).
 
     Raises:
-      FileNotFoundError: the workdir has no checkpoints or no config.json.
+      FileNotFoundError: the workdir (or a LoRA run's base) has no checkpoints or no config.json.
+      ValueError: a LoRA run whose base no longer matches the adapter (the mismatch named).
     """
     workdir = paths.resolve(workdir)
-    ckpt_dir = workdir / "checkpoints"
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoints under {os.fspath(workdir)!r} (expected {os.fspath(ckpt_dir)})")
     config = load_config(workdir)
     mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
     rules = sh.rules_from_config(config.logical_axis_rules)
-    # Only the EMA is read: the raw parameters and the optimizer state (3x the EMA's size) stay on disk, and the
-    # optimizer state's saved structure does not matter.
+    params, restored_step = restore_ema(workdir, config, mesh, rules, step)
+    if config.lora.rank:
+        adapter = Adapter(config, params, _lora_metadata(workdir, restored_step), workdir)
+        base_config, base, _ = load(adapter.metadata["base_workdir"], adapter.metadata["base_step"])
+        params = apply_adapters(base_config, base, [(adapter, 1.0)])
+    return config, params, restored_step
+
+
+def restore_ema(workdir, config: ml_collections.ConfigDict, mesh, rules, step: int | None = None) -> tuple[dict, int]:
+    """(EMA params, step) of a run's latest (or a given) checkpoint, restored onto `mesh`'s shardings of `config`
+    (a LoRA run: its adapter). Only the EMA is read: the raw parameters and the optimizer state (3x the EMA's size)
+    stay on disk, and the optimizer state's saved structure does not matter. Raises FileNotFoundError."""
+    ckpt_dir = paths.resolve(workdir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoints under {os.fspath(workdir)!r} (expected {os.fspath(ckpt_dir)})")
     target = {"ema_params": state_lib.abstract_state(config, mesh, rules).ema_params}
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
     try:
         restored_step, restored = checkpointer.restore(target, step=step, partial=True)
     finally:
         checkpointer.close()
-    return config, restored["ema_params"], int(restored_step)
+    return restored["ema_params"], int(restored_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """A LoRA run's EMA adapter (`models.lora`'s layout) with its config and metadata (`train.finetune`)."""
+
+    config: ml_collections.ConfigDict
+    params: dict
+    metadata: dict
+    workdir: Any
+
+    @property
+    def lora(self) -> lora.LoraConfig:
+        return config_lib.lora_config(self.config)
+
+
+def load_adapter(workdir, step: int | None = None) -> Adapter:
+    """The adapter of a LoRA run's latest (or a given) checkpoint, on one device, unmerged.
+
+    Raises:
+      FileNotFoundError: no checkpoints, config.json or adapter metadata.
+      ValueError: the workdir is not a LoRA run.
+    """
+    workdir = paths.resolve(workdir)
+    config = load_config(workdir)
+    if not config.lora.rank:
+        raise ValueError(f"{os.fspath(workdir)!r} is not a LoRA run (its config.lora.rank is 0)")
+    mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
+    params, restored_step = restore_ema(workdir, config, mesh, sh.rules_from_config(config.logical_axis_rules), step)
+    return Adapter(config, params, _lora_metadata(workdir, restored_step), workdir)
+
+
+def _lora_metadata(workdir, step: int) -> dict:
+    return ckpt_lib.restore_json(paths.resolve(workdir) / "checkpoints", ckpt_lib.LORA, step)
+
+
+def apply_adapters(base_config: ml_collections.ConfigDict, base_params, adapters: Sequence[tuple[Adapter, float]]):
+    """`base_params` with every (adapter, scale) merged in (`lora.merge`: W + sum scale * alpha / r * A @ B), after
+    checking that each adapter was made for this base: the same model config, kernel paths and shapes, rank and
+    targets (its metadata). Raises ValueError naming the first mismatch; nothing is merged then."""
+    base_model = ckpt_lib.config_to_json_dict(base_config.model)
+    for adapter, _ in adapters:
+        name = os.fspath(adapter.workdir)
+        made_for = adapter.metadata["base_model"]
+        for key in sorted(set(made_for) | set(base_model)):
+            if made_for.get(key) != base_model.get(key):
+                raise ValueError(
+                    f"the adapter {name!r} was made for a base with model.{key}={made_for.get(key)!r}; this base has "
+                    f"model.{key}={base_model.get(key)!r}"
+                )
+        try:
+            lora.check_compatible(adapter.metadata["adapter"], adapter.lora, base_params)
+        except ValueError as e:
+            raise ValueError(f"the adapter {name!r} does not fit this base: {e}") from None
+    return lora.merge(base_params, [(a.lora, a.params, float(scale)) for a, scale in adapters])
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:

@@ -56,12 +56,40 @@ _INTERPOLATOR = flags.DEFINE_string("interpolator", None, "With --pipeline: the 
 _INTERPOLATION_STEPS = flags.DEFINE_integer(
     "interpolation_steps", None, "With --pipeline: the interpolator's DDIM steps (default: its config)."
 )
+_LORA = flags.DEFINE_string(
+    "lora",
+    None,
+    "LoRA adapters merged into --workdir's model before sampling: comma-separated LoRA training runs, each "
+    "optionally with a scale, e.g. 'runs/red:1.0,runs/fast:0.5' (W + sum scale * alpha / rank * A @ B). An adapter "
+    "made for another base (model config, kernels, rank or targets) is refused, naming the mismatch.",
+)
 _DATA_DIR = flags.DEFINE_string(
     "data_dir",
     None,
     "Text models: local dataset dir whose test-split texts are sampled (default as in training)",
 )
 flags.mark_flags_as_required(["workdir"])
+
+
+def parse_lora(spec: str | None) -> list[tuple[str, float]]:
+    """[(LoRA run, scale)] of a --lora value 'DIR[:SCALE],...' (scale 1.0 by default; the last ':' splits, so a
+    gs:// path keeps its own). Raises cli.UsageError for an empty entry or a scale that is not a number."""
+    if spec is None:
+        return []
+    out = []
+    for entry in spec.split(","):
+        entry = entry.strip()
+        path, sep, scale = entry.rpartition(":")
+        if not sep or "/" in scale or not scale:  # no scale given (or the ':' was a URL's)
+            path, scale = entry, "1.0"
+        try:
+            value = float(scale)
+        except ValueError:
+            raise cli.UsageError(f"--lora entry {entry!r}: the scale {scale!r} is not a number (DIR[:SCALE])") from None
+        if not path:
+            raise cli.UsageError(f"--lora={spec!r} has an empty entry; give DIR[:SCALE],... (LoRA training runs)")
+        out.append((path, value))
+    return out
 
 
 def resolve_labels(config, prompt: str | None, label: int | None, num: int) -> tuple[np.ndarray, list[str]]:
@@ -145,6 +173,7 @@ def run(
     interpolator=None,
     interpolation_steps=None,
     text_embeddings=None,
+    lora=None,
 ) -> str:
     from vdit_jax import inference, tasks
     from vdit_jax.data import sources
@@ -161,6 +190,9 @@ def run(
         raise cli.UsageError(f"--batch_size={batch_size} must be >= 1")
     if (pipeline is None) != (interpolator is None):
         raise cli.UsageError("--pipeline and --interpolator go together")
+    adapters = parse_lora(lora)
+    if pipeline is not None and adapters:
+        raise cli.UsageError("--lora is not for --pipeline; sample a keyframe model's LoRA run as its --workdir")
     if pipeline is not None:
         return _run_pipeline(
             workdir,
@@ -184,6 +216,13 @@ def run(
     if interpolation_steps is not None:
         raise cli.UsageError("--interpolation_steps is for --pipeline")
     config, params, loaded = inference.load(workdir, step)
+    if adapters:
+        try:
+            params = inference.apply_adapters(
+                config, params, [(inference.load_adapter(path), scale) for path, scale in adapters]
+            )
+        except (ValueError, FileNotFoundError) as e:
+            raise cli.UsageError(f"--lora: {e}") from None
     if steps is not None and not 1 <= steps <= config.diffusion.num_timesteps:
         raise cli.UsageError(f"--steps={steps} must be in [1, {config.diffusion.num_timesteps}]")
     given = frame_mask = None
@@ -406,6 +445,7 @@ def main(argv):
         interpolator=_INTERPOLATOR.value,
         interpolation_steps=_INTERPOLATION_STEPS.value,
         text_embeddings=_TEXT_EMBEDDINGS.value,
+        lora=_LORA.value,
     )
 
 

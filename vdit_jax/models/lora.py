@@ -17,8 +17,13 @@ Targets are regular expressions matched (`re.fullmatch`) against "/"-joined para
 the names of `PRESETS`:
 
     cfg = LoraConfig(rank=8, alpha=16.0, targets=("attn", "mlp"))
-    adapter = init(cfg, params, jax.random.key(0))             # {path: {"a": ..., "b": ...}}
-    merged = merge(params, [(cfg, adapter, 1.0)])               # the base's tree, targeted kernels replaced
+    adapter = init(cfg, params, jax.random.key(0))    # the base's tree, cut to the targeted kernels, each {"a", "b"}
+    merged = merge(params, [(cfg, adapter, 1.0)])      # the base's tree, targeted kernels replaced
+
+An adapter is a nested dict shaped like the parameters, with only the targeted modules, and each targeted `kernel`
+replaced by {"a": A, "b": B} (`pairs(adapter)` gives them by "/"-joined kernel path). With boxed (logically
+partitioned) parameters, `init` boxes A with the kernel's axis names but its last (rank: None) and B with its
+last but one, so an adapter is sharded like its kernel by the same logical rules.
 
 An adapter is tied to its base: `describe(cfg, params)` records the targeted paths and kernel shapes, and
 `check_compatible` refuses another base, rank or set of modules with one error naming the mismatch.
@@ -33,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -87,12 +93,37 @@ def _flat(params: Mapping) -> dict[str, Any]:
     return flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
 
 
+def _shape(leaf) -> tuple[int, ...]:
+    """The shape of an array, a `jax.ShapeDtypeStruct` or a boxed (`nn.Partitioned`) one."""
+    return tuple(nn.unbox(leaf).shape)
+
+
+def pairs(adapter: Mapping) -> dict[str, dict[str, Any]]:
+    """{kernel path: {"a": A, "b": B}} of an adapter (the "/"-joined path of the kernel each pair adapts)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path, leaf in _flat(adapter).items():
+        kernel, _, which = path.rpartition("/")
+        if which not in ("a", "b") or not kernel.endswith("kernel"):
+            raise ValueError(f"{path!r} is not an adapter entry (expected '.../kernel/a' or '.../kernel/b')")
+        out.setdefault(kernel, {})[which] = leaf
+    for kernel, pair in out.items():
+        if len(pair) != 2:
+            raise ValueError(f"the adapter's {kernel!r} lacks its {'b' if 'a' in pair else 'a'} matrix")
+    return out
+
+
+def _nest(flat_pairs: Mapping[str, Mapping[str, Any]]) -> dict:
+    return flax.traverse_util.unflatten_dict(
+        {f"{k}/{which}": v for k, pair in flat_pairs.items() for which, v in pair.items()}, sep="/"
+    )
+
+
 def target_paths(cfg: LoraConfig, params: Mapping) -> list[str]:
     """The "/"-joined paths of the kernels of `params` (unboxed, [..., in, out]) that `cfg` targets, sorted.
 
     Raises ValueError when no kernel matches, naming the targets and some kernels there are.
     """
-    kernels = {p: v for p, v in _flat(params).items() if p.endswith("kernel") and jnp.ndim(v) >= 2}
+    kernels = {p: v for p, v in _flat(params).items() if p.endswith("kernel") and len(_shape(v)) >= 2}
     patterns = cfg.patterns()
     paths = sorted(p for p in kernels if any(pat.fullmatch(p) for pat in patterns))
     if not paths:
@@ -101,18 +132,24 @@ def target_paths(cfg: LoraConfig, params: Mapping) -> list[str]:
     return paths
 
 
-def init(cfg: LoraConfig, params: Mapping, rng: jax.Array) -> dict[str, dict[str, jax.Array]]:
-    """A fresh adapter for the kernels `cfg` targets: {path: {"a": [..., in, r], "b": [..., r, out]}} in each
-    kernel's dtype; A Kaiming-uniform (PEFT's default: bound 1 / sqrt(in)), B zero, so it starts as the identity."""
+def init(cfg: LoraConfig, params: Mapping, rng: jax.Array) -> dict:
+    """A fresh adapter for the kernels `cfg` targets (the module docstring's layout): A [..., in, r] and B
+    [..., r, out] in each kernel's dtype; A Kaiming-uniform (PEFT's default: bound 1 / sqrt(in)), B zero, so it
+    starts as the identity. `params` may be boxed (then so is the adapter) or abstract (`jax.eval_shape`)."""
     flat = _flat(params)
     out = {}
     for i, path in enumerate(target_paths(cfg, params)):
-        w = flat[path]
+        w = nn.unbox(flat[path])
         *lead, fan_in, fan_out = w.shape
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, fan_in, cfg.rank), w.dtype, -bound, bound)
-        out[path] = {"a": a, "b": jnp.zeros((*lead, cfg.rank, fan_out), w.dtype)}
-    return out
+        b = jnp.zeros((*lead, cfg.rank, fan_out), w.dtype)
+        if isinstance(flat[path], nn.Partitioned):
+            names = flat[path].names
+            a = flat[path].replace_boxed(a).replace(names=(*names[:-1], None))
+            b = flat[path].replace_boxed(b).replace(names=(*names[:-2], None, names[-1]))
+        out[path] = {"a": a, "b": b}
+    return _nest(out)
 
 
 def delta(cfg: LoraConfig, pair: Mapping[str, jax.Array]) -> jax.Array:
@@ -126,7 +163,7 @@ def merge(params: Mapping, adapters: Sequence[tuple[LoraConfig, Mapping, float]]
     that only the adapters are differentiated. Raises ValueError for an adapter path or shape the base lacks."""
     flat = _flat(params)
     for cfg, adapter, scale in adapters:
-        for path, pair in adapter.items():
+        for path, pair in pairs(adapter).items():
             if path not in flat:
                 raise ValueError(f"the adapter targets {path!r}, which this model does not have")
             w = flat[path]
@@ -147,7 +184,7 @@ def describe(cfg: LoraConfig, params: Mapping) -> dict[str, Any]:
         "rank": cfg.rank,
         "alpha": cfg.alpha,
         "targets": list(cfg.targets),
-        "kernels": {p: list(flat[p].shape) for p in target_paths(cfg, params)},
+        "kernels": {p: list(_shape(flat[p])) for p in target_paths(cfg, params)},
     }
 
 

@@ -5,6 +5,8 @@ A checkpoint is one step directory under `directory` with three items::
   <directory>/<step>/state/    the train-state pytree (orbax StandardSave: OCDBT + zarr)
   <directory>/<step>/data/     the grain iterator state, one JSON file a process
   <directory>/<step>/config/   the config as JSON
+  <directory>/<step>/lora/     LoRA runs only: the adapter's metadata as JSON (`models.lora.describe` of its base,
+                               the base's workdir, step and model config; `vdit_jax.train.finetune`)
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp-<timestamp>` and renames it when every item
 is complete, so a save interrupted at any moment (`kill -9`, preemption) leaves only a temporary
@@ -48,7 +50,8 @@ from vdit_jax import paths
 STATE = "state"
 DATA = "data"
 CONFIG = "config"
-ITEM_NAMES = (STATE, DATA, CONFIG)
+LORA = "lora"
+ITEM_NAMES = (STATE, DATA, CONFIG, LORA)
 CORRUPT_SUFFIX = ".corrupt"
 
 
@@ -130,8 +133,9 @@ class Checkpointer:
         config: Any = None,
         *,
         force: bool = False,
+        lora_metadata: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Starts saving `state` (and the iterator and config, when given) as `step`.
+        """Starts saving `state` (and the iterator, config and a LoRA adapter's metadata, when given) as `step`.
 
         Without `force`, writes only when `step` is a multiple of `save_interval_steps` (or at a
         multi-host preemption sync point; orbax also writes the first save of a directory
@@ -146,6 +150,8 @@ class Checkpointer:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(config_to_json_dict(config))
+        if lora_metadata is not None:
+            items[LORA] = ocp.args.JsonSave(dict(lora_metadata))
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def should_save(self, step: int) -> bool:
@@ -302,6 +308,12 @@ class Checkpointer:
 
 def restore_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     """Reads back the config saved with a checkpoint (the newest one by default) as a dict."""
+    return restore_json(directory, CONFIG, step)
+
+
+def restore_json(directory: str | os.PathLike, item: str, step: int | None = None) -> dict:
+    """Reads back a JSON item (`CONFIG`, `LORA`) saved with a checkpoint (the newest one that has it by default)
+    as a dict. Raises FileNotFoundError when the directory or the item is missing."""
     directory = paths.resolve(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"Checkpoint directory {directory} does not exist.")
@@ -310,12 +322,12 @@ def restore_config(directory: str | os.PathLike, step: int | None = None) -> dic
         steps = sorted(manager.all_steps(), reverse=True)
         if step is not None:
             steps = [int(step)] if int(step) in steps else []
-        steps = [s for s in steps if (directory / str(s) / CONFIG).exists()]
+        steps = [s for s in steps if (directory / str(s) / item).exists()]
         if not steps:
             which = f"step {step}" if step is not None else "any checkpoint"
-            raise FileNotFoundError(f"No saved config for {which} in {directory}.")
-        restored = manager.restore(steps[0], args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(restored[CONFIG])
+            raise FileNotFoundError(f"No saved {item} for {which} in {directory}.")
+        restored = manager.restore(steps[0], args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return dict(restored[item])
 
 
 _OK, _DAMAGED, _OTHER = 0, 1, 2  # restore outcomes, ordered by severity

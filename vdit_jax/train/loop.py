@@ -28,10 +28,12 @@ from absl import logging
 from vdit_jax import config as config_lib
 from vdit_jax import inference, paths, tasks, video_io
 from vdit_jax.data import sources
+from vdit_jax.models import lora
 from vdit_jax.parallel import distributed
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import checkpoint as ckpt_lib
+from vdit_jax.train import finetune
 from vdit_jax.train import metrics as metrics_lib
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
@@ -91,12 +93,14 @@ def write_samples(config, params, step: int, workdir, data_dir) -> str:
     return video_io.save_samples(out_dir, videos, captions, fps=config.sample.fps)
 
 
-def _sample_on_process_0(config, state, step: int, workdir, data_dir, rules) -> str | None:
+def _sample_on_process_0(config, state, step: int, workdir, data_dir, rules, base=None) -> str | None:
     """Training-time samples: every process gathers the EMA parameters (a collective when they are sharded over
     hosts), then process 0 alone samples on its own first device, outside the global mesh (a program over the
     global mesh would need every process). The others go on to the next step and wait for it there. A failure
-    is logged with its traceback and training goes on."""
+    is logged with its traceback and training goes on. A LoRA run samples its `base` with the EMA adapter merged."""
     ema = inference.gather_params(state.ema_params)
+    if base is not None:
+        ema = lora.merge(inference.gather_params(base), [(config_lib.lora_config(config), ema, 1.0)])
     if jax.process_index() != 0:
         return None
     local_mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.local_devices()[:1])
@@ -129,6 +133,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_dir=None) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh_shape.to_dict())
     rules = sh.rules_from_config(config.logical_axis_rules)
     logging.info("mesh %s, %d process(es), workdir %s", dict(mesh.shape), jax.process_count(), workdir)
+    base = lora_meta = None
+    if config.lora.rank:  # a LoRA run: the frozen base, read straight onto the mesh (`train.finetune`)
+        base, lora_meta = finetune.base_params(config, mesh, rules, workdir)
+        logging.info("LoRA on %s (step %d)", lora_meta["base_workdir"], lora_meta["base_step"])
 
     # ---------------------------------------------------------------- data
     data_dir = data_dir or config.data.data_dir or sources.default_data_dir()
@@ -150,23 +158,27 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_dir=None) -> dict:
             start = 0
             state = state_lib.create_train_state(config, mesh, rules, jax.random.key(config.seed))
         step = start
-        logging.info("parameters: %s", f"{state_lib.count_params(state.params):,}")
+        if base is None:
+            logging.info("parameters: %s", f"{state_lib.count_params(state.params):,}")
+        else:
+            n, n_base = state_lib.count_params(state.params), state_lib.count_params(base)
+            logging.info("adapter parameters: %s (%.2f%% of the base's %s)", f"{n:,}", 100 * n / n_base, f"{n_base:,}")
         writer = metrics_lib.MetricsWriter(workdir, purge_step=start + 1 if start else None)
 
         # ------------------------------------------------------------ the loop
-        loop = _Loop(config, mesh, rules, ckpt, writer, data_iter, workdir, data_dir)
+        loop = _Loop(config, mesh, rules, ckpt, writer, data_iter, workdir, data_dir, base, lora_meta)
         state, last, stopped = loop.run(state, start)
         step = loop.step
 
         # ------------------------------------------------------------ the end (or a preemption)
-        ckpt.save(step, state, data_iter, config, force=True)
+        ckpt.save(step, state, data_iter, config, force=True, lora_metadata=lora_meta)
         ckpt.wait()
         if stopped == "SIGINT":  # Ctrl-C: the checkpoint of this step is saved; the run still ends as an error
             raise KeyboardInterrupt
         if stopped:
             logging.warning("%s: saved a checkpoint at step %d and stopped", stopped, step)
         elif tc.sample_num:
-            path = _sample_on_process_0(config, state, step, workdir, data_dir, rules)
+            path = _sample_on_process_0(config, state, step, workdir, data_dir, rules, base)
             if path:
                 logging.info("samples of step %d in %s", step, path)
     except BaseException as e:
@@ -222,13 +234,14 @@ class _Loop:
     also keeps the EMA and counts a non-finite loss, and its counters are checkpointed with the state.)
     """
 
-    def __init__(self, config, mesh, rules, ckpt, writer, data_iter, workdir, data_dir):
+    def __init__(self, config, mesh, rules, ckpt, writer, data_iter, workdir, data_dir, base=None, lora_meta=None):
         self.config, self.mesh, self.rules = config, mesh, rules
         self.ckpt, self.writer, self.data_iter = ckpt, writer, data_iter
         self.workdir, self.data_dir = workdir, data_dir
+        self.base, self.lora_meta = base, lora_meta  # a LoRA run's frozen base and adapter metadata, else None
         self.shapes = step_lib.batch_shapes(config)
         self.lr = state_lib.learning_rate_schedule(config.train)
-        self.train_step = step_lib.make_train_step(config, mesh, rules)
+        self.train_step = step_lib.make_train_step(config, mesh, rules, base)
         self.step = 0  # the last step dispatched
 
     def _next_batch(self) -> dict:
@@ -286,10 +299,10 @@ class _Loop:
                             "elapsed_s": time.perf_counter() - t_start,
                         }
                         self.writer.write(step, last)
-                    if self.ckpt.save(step, state, self.data_iter, config):
+                    if self.ckpt.save(step, state, self.data_iter, config, lora_metadata=self.lora_meta):
                         self.writer.flush()  # the log reaches the storage at least as far as the checkpoint
                     if tc.sample_num and tc.sample_every and step % tc.sample_every == 0 and step < tc.num_steps:
-                        _sample_on_process_0(config, state, step, self.workdir, self.data_dir, self.rules)
+                        _sample_on_process_0(config, state, step, self.workdir, self.data_dir, self.rules, self.base)
                     if multi:
                         if self.ckpt.reached_preemption(step):
                             stopped = "preemption"

@@ -12,12 +12,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vdit_jax import config as config_lib
 from vdit_jax import tasks
+from vdit_jax.models import lora
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes; a pytree of arrays, checkpointed whole."""
+    """Everything a step reads and writes; a pytree of arrays, checkpointed whole.
+
+    `params` are the trained parameters: the whole network, or in a LoRA run (`config.lora.rank > 0`) the adapter
+    alone (`models.lora`'s layout); the frozen base is then an argument of the step, never part of the state, so it
+    has no gradient, no optimizer state and no EMA, and checkpoints hold the adapter only.
+    """
 
     step: jax.Array  # int32 []
     params: Any
@@ -61,8 +68,10 @@ def make_optimizer(tc: ml_collections.ConfigDict, num_steps=None) -> optax.Gradi
     return optax.chain(*parts)
 
 
-def _init_state(rng: jax.Array, task, tx, batch) -> TrainState:
+def _init_state(rng: jax.Array, task, tx, batch, lora_cfg) -> TrainState:
     params = task.init(rng, batch)
+    if lora_cfg is not None:  # a fresh adapter on the base's (boxed) kernels; the random base itself is unused
+        params = lora.init(lora_cfg, params, jax.random.fold_in(rng, 2))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -91,7 +100,17 @@ def _init_fn(config: ml_collections.ConfigDict):
     task = tasks.get(config)
     tx = make_optimizer(config.train)
     batch = task.batch_shapes(config.train.global_batch_size // config.train.grad_accum_steps)  # a micro-batch
-    return functools.partial(_init_state, task=task, tx=tx, batch=batch)
+    return functools.partial(_init_state, task=task, tx=tx, batch=batch, lora_cfg=config_lib.lora_config(config))
+
+
+def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Any:
+    """ShapeDtypeStructs with shardings of the whole network's parameters (a LoRA run's frozen base included):
+    the restore target of a base and the step's sharding of it."""
+    task = tasks.get(config)
+    batch = task.batch_shapes(config.train.global_batch_size // config.train.grad_accum_steps)
+    boxed = jax.eval_shape(task.init, jax.random.key(0), batch)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), nn.unbox(boxed), shardings)
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, rng: jax.Array) -> TrainState:

@@ -1,8 +1,10 @@
 """The pure train step and its jitted, sharded form, the same for every task (`vdit_jax.tasks`).
 
-`train_step(state, batch, num_steps, *, task, tc) -> (state, metrics)` is a module-level pure function: the task
-gives the per-example draws (`prepare_batch`) and the objective (`loss`); the step adds gradient accumulation, the
-optimiser, the EMA and the skip of non-finite updates.
+`train_step(state, batch, num_steps, base, *, task, tc, lora_cfg) -> (state, metrics)` is a module-level pure
+function: the task gives the per-example draws (`prepare_batch`) and the objective (`loss`); the step adds gradient
+accumulation, the optimiser, the EMA and the skip of non-finite updates. In a LoRA run `state.params` is the adapter
+and `base` the frozen network it is merged into inside the loss (`models.lora.merge`), so only the adapter is
+differentiated, clipped, averaged and checked for non-finite values.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vdit_jax import config as config_lib
 from vdit_jax import tasks
+from vdit_jax.models import lora
 from vdit_jax.parallel import sharding as sh
-from vdit_jax.train.state import TrainState, make_optimizer, state_shardings
+from vdit_jax.train.state import TrainState, abstract_params, make_optimizer, state_shardings
 
 # The task's batch fields (`Task.batch_shapes`), e.g. for the DiT {"video": float32 [B, T, H, W, C], "label": int32
 # [B], and for text models "text" float32 [B, L, D] and "text_mask" bool [B, L]}.
@@ -30,9 +34,11 @@ def train_step(
     state: TrainState,
     batch: Batch,
     num_steps: jax.Array | int,
+    base: Any = None,
     *,
     task: tasks.Task,
     tc: ml_collections.ConfigDict,
+    lora_cfg: lora.LoraConfig | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimiser update from one global batch (split into `tc.grad_accum_steps` micro-batches).
 
@@ -42,12 +48,21 @@ def train_step(
     (`state.make_optimizer`), an argument rather than a constant of the compiled step: runs that differ only in
     their length share one compiled step.
 
+    With `lora_cfg`, `state.params` is an adapter and `base` the network's frozen parameters (a step argument,
+    not a constant of the compiled program): the loss is the task's on `lora.merge(base, adapter)`.
+
     Metrics: "loss", the task's metrics (e.g. "mse"), "grad_norm", "finite" (1.0 / 0.0), "nonfinite_total",
     "nonfinite_streak".
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch = task.prepare_batch(batch, rng)
-    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+    loss_fn = task.loss
+    if lora_cfg is not None:
+
+        def loss_fn(adapter, micro, key):
+            return task.loss(lora.merge(base, [(lora_cfg, adapter, 1.0)]), micro, key)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     k = tc.grad_accum_steps
     if k == 1:
         (loss, task_metrics), grads = grad_fn(state.params, batch, rng)
@@ -103,34 +118,47 @@ class TrainStep:
 
     The run length (`config.train.num_steps`, for the learning-rate schedule) goes in as a traced argument, so the
     compiled program does not depend on it (a resumed run with a longer `num_steps` loads it from the persistent
-    compilation cache instead of compiling again).
+    compilation cache instead of compiling again). So does a LoRA run's frozen base (`base`).
     """
 
-    def __init__(self, jitted, num_steps: int):
+    def __init__(self, jitted, num_steps: int, base: Any = None):
         self.jitted = jitted
         self.num_steps = num_steps
+        self.base = base
 
     def __call__(self, state: TrainState, batch: Batch):
-        return self.jitted(state, batch, self.num_steps)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.base)):
+            raise ValueError("this LoRA train step was made without its base parameters (make_train_step's `base`)")
+        return self.jitted(state, batch, self.num_steps, self.base)
 
     def lower(self, state, batch) -> jax.stages.Lowered:
-        return self.jitted.lower(state, batch, self.num_steps)
+        return self.jitted.lower(state, batch, self.num_steps, self.base)
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> TrainStep:
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, base: Any = None) -> TrainStep:
     """The jitted, sharded train step of `config` (a `TrainStep`).
 
+    A LoRA run (`config.lora.rank > 0`) trains an adapter on `base`, the frozen parameters (arrays on the mesh, as
+    `state.abstract_params` shards them); without them the step can only be lowered (`TrainStep.lower`).
     Call it inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` (as `loop.train` does).
     """
-    step = functools.partial(train_step, task=tasks.get(config), tc=config.train)
+    lora_cfg = config_lib.lora_config(config)
+    step = functools.partial(train_step, task=tasks.get(config), tc=config.train, lora_cfg=lora_cfg)
     state_sh = state_shardings(config, mesh, rules)
+    base_sh = None
+    if lora_cfg is not None:
+        abstract = abstract_params(config, mesh, rules)
+        base_sh = jax.tree.map(lambda a: a.sharding, abstract)
+        base = abstract if base is None else base
+    elif base is not None:
+        raise ValueError("`base` is for LoRA runs (config.lora.rank > 0)")
     jitted = jax.jit(
         step,
-        in_shardings=(state_sh, batch_shardings(config, mesh, rules), sh.replicated(mesh)),
+        in_shardings=(state_sh, batch_shardings(config, mesh, rules), sh.replicated(mesh), base_sh),
         out_shardings=(state_sh, sh.replicated(mesh)),
         donate_argnums=(0,),
     )
-    return TrainStep(jitted, config.train.num_steps)
+    return TrainStep(jitted, config.train.num_steps, base)
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
