@@ -35,6 +35,13 @@ def test_presets_and_regexes_pick_the_dit_kernels():
     paths = lora.target_paths(lora.LoraConfig(4, 8.0, ("joint_attn",)), joint)
     assert len(paths) == 12 and all("/video/" in p or "/text/" in p or "/stream/" in p for p in paths)
     assert lora.target_paths(lora.LoraConfig(4, 8.0, (r"final_proj/kernel",)), joint) == ["final_proj/kernel"]
+    classes = _paths(num_classes=12, label_factors=(3, 4))
+    assert lora.target_paths(lora.LoraConfig(4, 8.0, ("label_emb",)), classes) == [
+        "y_embed/factor0/embedding",
+        "y_embed/factor1/embedding",
+    ]
+    adaln = lora.target_paths(lora.LoraConfig(4, 8.0, ("adaln",)), classes)
+    assert adaln == ["final_adaLN/kernel", "stage0_block0/adaLN/kernel", "stage0_block1/adaLN/kernel"]
     with pytest.raises(ValueError, match=r"targets \('cross_attn',\) match no kernel of the model; its kernels"):
         lora.target_paths(lora.LoraConfig(4, 8.0, ("cross_attn",)), joint)
 

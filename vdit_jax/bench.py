@@ -8,6 +8,8 @@ batches are synthetic arrays created on the devices with the shardings training 
 
 train: builds the sharded train state (`vdit_jax.train.state.create_train_state`) and compiles and times the
   function training runs (`vdit_jax.train.step.make_train_step`) on a global batch of `train.global_batch_size`.
+  With `--config.lora.rank=R` (and `lora.targets`) it times LoRA fine-tuning's step instead, on a random base:
+  compare its `ms_per_step` and `peak_memory_bytes` with the full step's (`trainable_params` says what trains).
 sample: times one denoising step — one model forward on the classifier-free-guidance batch [cond; null] of
   2 x `train.global_batch_size` videos (B videos when `sample.guidance` = 1, which skips the null branch, as the
   sampler does) — and the whole jitted DDIM loop (`vdit_jax.diffusion.ddim_sample`, `sample.steps` steps). Text
@@ -239,11 +241,13 @@ def synthetic_batch(config, mesh, rules, rng) -> dict[str, jax.Array]:
 
 
 def bench_train(config, mesh, rules, steps: int) -> tuple[dict, list]:
-    """Compiles and times the real sharded train step; returns (fields, compiled programs)."""
+    """Compiles and times the real sharded train step; returns (fields, compiled programs). A LoRA config
+    (`config.lora.rank > 0`) times the adapter's step on a randomly initialised base (no base run is read)."""
     rng = jax.random.key(config.seed)
     state = state_lib.create_train_state(config, mesh, rules, rng)
     batch = synthetic_batch(config, mesh, rules, jax.random.fold_in(rng, 7))
-    step = step_lib.make_train_step(config, mesh, rules)
+    base = init_params(config, mesh, rules, jax.random.fold_in(rng, 9)) if config.lora.rank else None
+    step = step_lib.make_train_step(config, mesh, rules, base)
     with step_lib.logical_context(mesh, rules):
         start = time.perf_counter()
         compiled = step.lower(state, batch).compile()
@@ -251,18 +255,20 @@ def bench_train(config, mesh, rules, steps: int) -> tuple[dict, list]:
         holder = {"state": state}
 
         def call():
-            holder["state"], metrics = compiled(
-                holder["state"], batch, step.num_steps
-            )  # the state is donated: carry it
+            holder["state"], metrics = compiled(holder["state"], batch, step.num_steps, base)  # state donated: carry it
             return metrics
 
         loss = float(jax.device_get(call()["loss"]))  # warm-up
         times = _time_calls(call, steps)
     b = config.train.global_batch_size
     fwd = tasks.get(config).forward_flops(b)
+    # Forward + backward: 3x the forward's matmuls; LoRA skips the base's weight gradients (2x, the adapters' own
+    # matmuls are not counted: < 1% at the ranks used).
+    passes = 2 if config.lora.rank else 3
     fields = {
         "batch": b,
-        "model_flops": None if fwd is None else 3 * fwd["total"],
+        "trainable_params": state_lib.count_params(state.params),
+        "model_flops": None if fwd is None else passes * fwd["total"],
         "model_flops_forward_breakdown": None if fwd is None else {k: v for k, v in fwd.items() if k != "total"},
         "xla_flops": _xla_flops(compiled),
         "compile_s": compile_s,
@@ -399,6 +405,9 @@ def run(
         raise cli.UsageError(f"--steps={steps} must be >= 1")
     if peak is not None and not peak > 0:
         raise cli.UsageError(f"--peak_tflops={peak} must be > 0")
+    if config.lora.rank and not config.lora.base_workdir:
+        config = config.copy_and_resolve_references()
+        config.lora.base_workdir = "(a random base: the benchmark reads no run)"
     config_lib.validate(config, jax.device_count(), jax.process_count())
     mesh = mesh_lib.make_mesh(config.mesh_shape.to_dict())
     rules = sh.rules_from_config(config.logical_axis_rules)

@@ -13,6 +13,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
+import jax
 import ml_collections
 
 from vdit_jax import diffusion
@@ -137,6 +138,16 @@ def base_config(kind: str = "dit") -> ml_collections.ConfigDict:
     c.mesh_shape = ml_collections.ConfigDict({sh.DATA: -1, sh.FSDP: 1, sh.TENSOR: 1, sh.SEQUENCE: 1})
     c.logical_axis_rules = sh.default_rules()
     return c
+
+
+def _check_lora_targets(config: ml_collections.ConfigDict, task) -> None:
+    """config.lora.targets match some kernel of the network (shapes only: `jax.eval_shape` of its init)."""
+    t = task(config)
+    shapes = jax.eval_shape(t.init, jax.random.key(0), t.batch_shapes(1))
+    try:
+        lora.target_paths(lora_config(config), shapes)
+    except ValueError as e:
+        raise ConfigError(f"config.lora.targets={tuple(config.lora.targets)}: {e}") from None
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:
@@ -387,6 +398,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         except ValueError as e:
             raise ConfigError(f"config.lora: {e}") from None
         check(lo.base_workdir != "", "config.lora.rank > 0 needs config.lora.base_workdir (the run to adapt)")
+        _check_lora_targets(config, task)
         check(lo.base_step >= -1, f"config.lora.base_step={lo.base_step} must be >= 0, or -1 for the latest")
 
     # The mesh and the batch.

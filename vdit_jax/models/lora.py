@@ -13,8 +13,9 @@ Computing W' costs in x rank x out multiply-adds per kernel, small against the t
 (and its gradient) for the targeted kernels, as full fine-tuning does, but keeps no optimizer state for them
 (`optimizer`: the base gets `optax.set_to_zero`, which has no state).
 
-Targets are regular expressions matched (`re.fullmatch`) against "/"-joined parameter paths ending in `kernel`, or
-the names of `PRESETS`:
+Targets are regular expressions matched (`re.fullmatch`) against "/"-joined parameter paths ending in `kernel` (or
+`embedding`: a table [num, dim] adapts as a kernel [in, out] does, as PEFT's embedding LoRA), or the names of
+`PRESETS`:
 
     cfg = LoraConfig(rank=8, alpha=16.0, targets=("attn", "mlp"))
     adapter = init(cfg, params, jax.random.key(0))    # the base's tree, cut to the targeted kernels, each {"a", "b"}
@@ -43,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Named sets of kernels (paths as `flax.traverse_util.flatten_dict(params, sep="/")` gives them).
+# Named sets of kernels (paths as `flax.traverse_util.flatten_dict(params, sep="/")` gives them). Embedding tables
+# [num, dim] adapt as kernels do (PEFT's LoRA for embeddings): A [num, r] gives every row its own update.
 PRESETS: dict[str, str] = {
     # every attention projection: the DiT's self-attention, cross-attention, MM-DiT's streams, the text encoder's
     "attn": r".*/(query|key|value|out)/kernel",
@@ -51,7 +53,10 @@ PRESETS: dict[str, str] = {
     "cross_attn": r".*/cross_attn/(query|key|value|out)/kernel",  # text_mode "cross"
     "joint_attn": r".*/(video|text|stream)/(query|key|value|out)/kernel",  # text_mode "joint" (MM-DiT)
     "mlp": r".*/mlp/fc[12]/kernel",  # every block's MLP
+    "adaln": r"(.*/)?(adaLN|final_adaLN)/kernel",  # the adaLN-Zero modulations (the conditioning's way in)
+    "label_emb": r"y_embed/.*embedding",  # the class-label embedding tables (a new class or attribute value)
 }
+ADAPTABLE = ("kernel", "embedding")  # the parameter names LoRA adapts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,7 @@ def pairs(adapter: Mapping) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for path, leaf in _flat(adapter).items():
         kernel, _, which = path.rpartition("/")
-        if which not in ("a", "b") or not kernel.endswith("kernel"):
+        if which not in ("a", "b") or not kernel.endswith(ADAPTABLE):
             raise ValueError(f"{path!r} is not an adapter entry (expected '.../kernel/a' or '.../kernel/b')")
         out.setdefault(kernel, {})[which] = leaf
     for kernel, pair in out.items():
@@ -123,7 +128,7 @@ def target_paths(cfg: LoraConfig, params: Mapping) -> list[str]:
 
     Raises ValueError when no kernel matches, naming the targets and some kernels there are.
     """
-    kernels = {p: v for p, v in _flat(params).items() if p.endswith("kernel") and len(_shape(v)) >= 2}
+    kernels = {p: v for p, v in _flat(params).items() if p.endswith(ADAPTABLE) and len(_shape(v)) >= 2}
     patterns = cfg.patterns()
     paths = sorted(p for p in kernels if any(pat.fullmatch(p) for pat in patterns))
     if not paths:
