@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 def base_config(kind: str = "dit") -> ml_collections.ConfigDict:
     """Every key with its default; `config.model` holds the network of `kind` (a task of `vdit_jax.tasks`:
-    "dit", "unet_interpolator"). Raises ConfigError for a kind that is not registered."""
+    "dit", "unet_interpolator", "video_autoencoder"). Raises ConfigError for a kind that is not registered."""
     from vdit_jax import tasks  # late: the tasks import this module
 
     try:
@@ -46,7 +46,7 @@ def base_config(kind: str = "dit") -> ml_collections.ConfigDict:
     # Data: a TFDS array_record dataset with a uint8 video feature [T, H, W, C].
     c.data = ml_collections.ConfigDict()
     c.data.name = "moving_shapes"  # a TFDS builder name; moving_shapes is built on first use
-    c.data.builder_config = "16x32"  # moving_shapes: 16x32 / 16x64 / 8x32 / 8x16 / 16x16
+    c.data.builder_config = "16x32"  # moving_shapes: 16x32 / 16x64 / 8x32 / 8x16 / 16x16 / 17x32 / 17x64
     c.data.data_dir = ""  # a LOCAL dir; '' = $VDIT_DATA_DIR or ~/.cache/vdit_jax/data (--data_dir wins)
     c.data.split = "train"
     c.data.feature_key = "video"

@@ -244,6 +244,9 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
         MovingShapesConfig(
             name="16x16", num_frames=16, size=16, description="16 frames of 16x16 (the CPU multi-stage demo)."
         ),
+        # 1 + 4k frames: what a causal video autoencoder with temporal compression 4 encodes (17 -> 5 latent frames).
+        MovingShapesConfig(name="17x32", num_frames=17, size=32, description="17 frames of 32x32 (latent demo)."),
+        MovingShapesConfig(name="17x64", num_frames=17, size=64, description="17 frames of 64x64."),
     ]
     DEFAULT_CONFIG_NAME = "16x32"
     # TFDS 4.9.10 derives this via `importlib_resources`, which is only installed on Python < 3.9; give it directly.

@@ -150,4 +150,4 @@ def get(config: ml_collections.ConfigDict) -> Task:
 def _load_builtin() -> None:
     # The built-in tasks register themselves on import (imported here, late: they import the config module,
     # which looks tasks up).
-    from vdit_jax.tasks import dit, interpolator  # noqa: F401
+    from vdit_jax.tasks import autoencoder, dit, interpolator  # noqa: F401
