@@ -122,6 +122,15 @@ def base_config(kind: str = "dit") -> ml_collections.ConfigDict:
     c.sample.ddpm_variance = "fixed_small"  # fixed_small / fixed_large
     c.sample.fps = 8
 
+    # Latent diffusion: the video autoencoder whose latents the dataset holds (`vdit_jax.data.latents`), its step and
+    # the per-channel mean / std the latents were normalised with. Filled by the trainer from a `video_latents/...`
+    # dataset's metadata; sampling decodes with them, so a latent run writes pixels like a pixel run.
+    c.latent = ml_collections.ConfigDict()
+    c.latent.autoencoder = ""  # a training workdir of kind video_autoencoder; '' = the data are pixels
+    c.latent.autoencoder_step = -1
+    c.latent.mean = ()
+    c.latent.std = ()
+
     # LoRA fine-tuning (vdit_jax.models.lora; rank 0 = off, the whole network is trained): the run trains low-rank
     # adapters on the kernels `targets` names (presets of lora.PRESETS or regexes on "/"-joined parameter paths) of
     # the frozen EMA parameters of the run in `base_workdir` (its latest checkpoint, or `base_step`). The model
@@ -245,6 +254,8 @@ _LEAF_TYPES = {
     "model.attention_levels": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
     "data.exclude_labels": ("a tuple of ints", lambda v: _is_seq(v, _is_int)),
     "model.text_vocab": ("a tuple of words", lambda v: _is_seq(v, lambda w: isinstance(w, str))),
+    "latent.mean": ("a tuple of numbers", lambda v: _is_seq(v, _is_number)),
+    "latent.std": ("a tuple of numbers", lambda v: _is_seq(v, _is_number)),
     "lora.targets": ("a tuple of preset names or regexes", lambda v: _is_seq(v, lambda w: isinstance(w, str))),
     "logical_axis_rules": ("a tuple of (logical_name, mesh_axes) pairs", lambda v: _is_seq(v, _is_rule)),
 }

@@ -283,7 +283,12 @@ class DiTTask(tasks.Task):
                 )
             if given is not None:  # the given frames, exactly
                 x = jnp.where(jnp.asarray(frame_mask[rows])[:, :, None, None, None], jnp.asarray(given[rows]), x)
-            out.append(to_uint8(x) if net.in_channels == 3 else np.asarray(x, np.float32))
+            if self.config.latent.autoencoder:  # a latent model: pixels, decoded by its autoencoder
+                from vdit_jax.data import latents
+
+                out.append(latents.decode(self.config, x))
+            else:
+                out.append(to_uint8(x) if net.in_channels == 3 else np.asarray(x, np.float32))
         return np.concatenate(out)
 
     # ---------------------------------------------------------------- costs (the benchmark)

@@ -27,7 +27,7 @@ from absl import logging
 
 from vdit_jax import config as config_lib
 from vdit_jax import inference, paths, tasks, video_io
-from vdit_jax.data import sources
+from vdit_jax.data import latents, sources
 from vdit_jax.models import lora
 from vdit_jax.parallel import distributed
 from vdit_jax.parallel import mesh as mesh_lib
@@ -126,6 +126,12 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_dir=None) -> dict:
     """
     # ---------------------------------------------------------------- set-up and validation
     config_lib.validate(config, jax.device_count(), jax.process_count())
+    data_dir = data_dir or config.data.data_dir or sources.default_data_dir()
+    if latents.is_latent_dataset(config.data.name):  # the decoding metadata goes into the run's config
+        try:
+            latents.fill_config(config, data_dir)
+        except (ValueError, FileNotFoundError) as e:
+            raise config_lib.ConfigError(f"config.data.name={config.data.name!r}: {e}") from None
     workdir = paths.resolve(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -139,7 +145,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_dir=None) -> dict:
         logging.info("LoRA on %s (step %d)", lora_meta["base_workdir"], lora_meta["base_step"])
 
     # ---------------------------------------------------------------- data
-    data_dir = data_dir or config.data.data_dir or sources.default_data_dir()
     dataset = sources.make_train_dataset(config, data_dir)
     data_iter = iter(dataset)
 
