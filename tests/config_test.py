@@ -5,6 +5,9 @@ import re
 import ml_collections
 import pytest
 
+from configs import autoencoder as autoencoder_configs
+from configs import latent as latent_configs
+from configs import lora as lora_configs
 from configs import moving_shapes
 from configs import multistage as multistage_configs
 from configs import text as text_configs
@@ -24,6 +27,17 @@ def test_shipped_variants_validate():
         assert layers.token_grid((1, *config.data.video_shape), config.model.patch_size) == (4, 4, 4)
     for variant in multistage_configs.VARIANTS:
         config_lib.validate(multistage_configs.get_config(variant), num_devices=1)
+    for variant in autoencoder_configs.VARIANTS:
+        config_lib.validate(autoencoder_configs.get_config(variant), num_devices=1)
+    for variant in latent_configs.VARIANTS:
+        config_lib.validate(latent_configs.get_config(variant), num_devices=1)
+    base, adapter = lora_configs.get_config("base"), lora_configs.get_config("lora")
+    config_lib.validate(base, num_devices=1)
+    adapter.lora.base_workdir = "runs/base"
+    config_lib.validate(adapter, num_devices=1)
+    held = set(lora_configs.held_out_labels())
+    assert len(held) == 12 and set(base.data.exclude_labels) == held  # the base never sees the held-out colour
+    assert held.isdisjoint(adapter.data.exclude_labels) and len(adapter.data.exclude_labels) == 72
 
 
 def _set(config, key, value):
@@ -200,6 +214,9 @@ NEGATIVE_ALLOWED = {
     "diffusion.timestep_logit_mean": "any real: the mean of the logit-normal",
     "model.windows": "read only with attention='windowed' (DiTConfig refuses a non-positive window there)",
     "logical_axis_rules": "names, not numbers",
+    "latent.autoencoder_step": "-1 = the autoencoder's latest checkpoint",
+    "latent.mean": "any real: the latents' per-channel mean",
+    "lora.base_step": "-1 = the base's latest checkpoint (-2 is refused)",
 }
 
 
@@ -214,7 +231,15 @@ def test_every_count_and_size_refuses_minus_one():
 
 
 # Str leaves that take any name: a dataset, its feature names, a split, a directory.
-ANY_STR = ("data.name", "data.builder_config", "data.data_dir", "data.split", "data.feature_key", "data.label_key")
+ANY_STR = (
+    "data.name",
+    "data.builder_config",
+    "data.data_dir",
+    "data.split",
+    "data.feature_key",
+    "data.label_key",
+    "lora.base_workdir",  # a path, read when lora.rank > 0 (tests/train_lora_test.py: a missing one is refused)
+)
 
 
 def test_every_named_choice_refuses_an_unknown_name():

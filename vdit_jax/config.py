@@ -400,9 +400,22 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     # The network's own values (the task of config.model.kind).
     task.validate(config)
 
+    # Latent diffusion.
+    lat = config.latent
+    check(all(v > 0 for v in lat.std), f"config.latent.std={tuple(lat.std)} must be > 0 (the latents' per-channel std)")
+    check(lat.autoencoder_step >= -1, f"config.latent.autoencoder_step={lat.autoencoder_step} must be >= -1")
+    if lat.autoencoder:
+        c_in = input_shape(config)[3]
+        check(
+            len(lat.mean) == len(lat.std) == c_in,
+            f"config.latent.autoencoder={lat.autoencoder!r} needs config.latent.mean and std of one value per latent "
+            f"channel ({c_in}); they have {len(lat.mean)} / {len(lat.std)} (the trainer fills them from the dataset)",
+        )
+
     # LoRA fine-tuning.
     lo = config.lora
     check(lo.rank >= 0, f"config.lora.rank={lo.rank} must be >= 0 (0 = off: the whole network is trained)")
+    check(lo.alpha > 0, f"config.lora.alpha={lo.alpha} must be > 0 (the update is scaled by alpha / rank)")
     if lo.rank:
         try:
             lora_config(config)
@@ -410,7 +423,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
             raise ConfigError(f"config.lora: {e}") from None
         check(lo.base_workdir != "", "config.lora.rank > 0 needs config.lora.base_workdir (the run to adapt)")
         _check_lora_targets(config, task)
-        check(lo.base_step >= -1, f"config.lora.base_step={lo.base_step} must be >= 0, or -1 for the latest")
+    check(lo.base_step >= -1, f"config.lora.base_step={lo.base_step} must be >= 0, or -1 for the latest")
 
     # The mesh and the batch.
     try:
