@@ -36,6 +36,12 @@ _HELD_OUT_FROM = flags.DEFINE_string(
     "labels split the metrics into `seen` and `held_out` prompts (compositional generalisation).",
 )
 _INTERPOLATOR = flags.DEFINE_string("interpolator_run", None, "An interpolator's training run: PSNR/SSIM per gap.")
+_AUTOENCODER = flags.DEFINE_string(
+    "autoencoder_run",
+    None,
+    "A video autoencoder's training run: PSNR/SSIM of its reconstructions of --num_clips test clips, whole and "
+    "decoded in spatial tiles, and the compression ratio.",
+)
 _NUM = flags.DEFINE_integer("num_clips", 256, "--interpolator_run: test clips per gap.")
 _STEPS = flags.DEFINE_integer(
     "ddim_steps",
@@ -44,7 +50,7 @@ _STEPS = flags.DEFINE_integer(
     "from pure noise (its posterior mean: the blurriest output and the highest PSNR).",
 )
 _DATA_DIR = flags.DEFINE_string(
-    "test_data_dir", None, "--interpolator_run: the local data dir (default as in training)."
+    "test_data_dir", None, "--interpolator_run / --autoencoder_run: the local data dir (default as in training)."
 )
 
 
@@ -95,11 +101,16 @@ def run(
     data_dir=None,
     steps=None,
     held_out_from=None,
+    autoencoder=None,
 ):
     from vdit_jax.data import evaluate
 
-    if (samples is None) == (interpolator is None):
-        raise cli.UsageError("give --samples (generated videos) or --interpolator_run (a training run), one of them")
+    if sum(x is not None for x in (samples, interpolator, autoencoder)) != 1:
+        raise cli.UsageError(
+            "give --samples (generated videos), --interpolator_run or --autoencoder_run (a training run), one of them"
+        )
+    if autoencoder is not None:
+        return _run_autoencoder(autoencoder, num, data_dir)
     if interpolator is not None:
         return _run_interpolator(interpolator, num, data_dir, steps)
     if steps is not None:
@@ -151,6 +162,22 @@ def _run_held_out(videos, prompts, workdir, samples) -> dict:
     return out
 
 
+def _run_autoencoder(workdir, num: int, data_dir) -> dict:
+    from vdit_jax import inference, tasks
+    from vdit_jax.data import sources
+    from vdit_jax.tasks import autoencoder as ae_task
+
+    if num < 1:
+        raise cli.UsageError(f"--num_clips={num} must be >= 1")
+    config, params, step = inference.load(workdir)
+    if config.model.kind != ae_task.KIND:
+        raise cli.UsageError(f"--autoencoder_run={workdir!r} is a {config.model.kind!r} run, not a video autoencoder")
+    data_dir = data_dir or config.data.data_dir or sources.default_data_dir()
+    out = {"step": step, **tasks.get(config).evaluate(params, data_dir, num=num)}
+    print(json.dumps(out))
+    return out
+
+
 def _run_interpolator(workdir, num: int, data_dir, steps=None) -> dict:
     from vdit_jax import inference, tasks
     from vdit_jax.data import sources
@@ -184,6 +211,7 @@ def main(argv):
         data_dir=_DATA_DIR.value,
         steps=_STEPS.value,
         held_out_from=_HELD_OUT_FROM.value,
+        autoencoder=_AUTOENCODER.value,
     )
 
 

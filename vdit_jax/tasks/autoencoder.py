@@ -108,18 +108,31 @@ class AutoencoderTask(tasks.Task):
 
     def evaluate(self, params, data_dir=None, num: int = 256, seed: int = 0, clips=None) -> dict[str, Any]:
         """PSNR / SSIM (`data.evaluate.frame_quality`) of reconstructions of `num` test-split clips (or `clips`,
-        uint8 [N, T, H, W, C]), with the compression ratio (pixel values / latent values)."""
+        uint8 [N, T, H, W, C]) through the posterior mean, with the compression ratio (pixel values / latent
+        values), and "tiled": the same decoded in spatial tiles of half the latent frame's side overlapping by
+        half a tile (`autoencoder.tiled_decode`), scored against the clips and against the whole decode."""
         from vdit_jax.data import evaluate, sources
 
         if clips is None:
             clips, _ = sources.test_clips(self.config, data_dir, num, seed=seed)
         clips = np.asarray(clips)
-        recon = self.sample(params, {"video": clips}, jax.random.key(0))
         latent = self.net.latent_shape(clips.shape)
+        whole, tiled = [], []
+        tile = max(latent[2] // 2, 1)
+        for start in range(0, len(clips), 32):
+            mean, _ = self.encode(params, clips[start : start + 32])
+            whole.append(dit_task.to_uint8(self.decode(params, mean)))
+            tiled.append(dit_task.to_uint8(ae.tiled_decode(self.net, params, mean, tile=tile, overlap=tile // 2)))
+        whole, tiled = np.concatenate(whole), np.concatenate(tiled)
         return {
-            **evaluate.frame_quality(recon, clips),
+            **evaluate.frame_quality(whole, clips),
             "latent_shape": list(latent[1:]),
             "compression": float(np.prod(clips.shape[1:]) / np.prod(latent[1:])),
+            "tiled": {
+                "tile_latent_px": tile,
+                **evaluate.frame_quality(tiled, clips),
+                "psnr_vs_whole": evaluate.frame_quality(tiled, whole)["psnr"],
+            },
         }
 
     # ---------------------------------------------------------------- checks
