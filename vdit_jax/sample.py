@@ -1,7 +1,9 @@
 """`python -m vdit_jax.sample --workdir=runs/demo --prompt="a red square moving right" --num=8 --steps=50`.
 
 Loads the EMA parameters of a training run's latest (or --step) checkpoint and writes one .mp4 and .gif per sample
-plus samples.npz (`videos` uint8 [N, T, H, W, 3], `prompts`) to --out_dir (default WORKDIR/samples).
+plus samples.npz (`videos` uint8 [N, T, H, W, 3], `prompts`) to --out_dir (default WORKDIR/samples). A LoRA run
+samples its base with its adapter merged, and --lora=RUN[:SCALE],... merges more adapters; a model trained on
+autoencoder latents (`config.latent`) writes the decoded pixels.
 """
 
 from __future__ import annotations
