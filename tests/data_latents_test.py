@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from tests import tiny_config as tiny
+from vdit_jax import cli, inference, tasks
 from vdit_jax import config as config_lib
-from vdit_jax import inference, tasks
+from vdit_jax import evaluate as evaluate_cli
 from vdit_jax.data import latents
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
@@ -84,6 +85,12 @@ def test_latent_dataset_round_trip(latent_data, moving_shapes_dir):
     recon = np.asarray(task.sample(params, {"video": video}, None))
     assert np.abs(pixels.astype(int) - recon.astype(int)).max() <= 1
 
+    # The evaluate CLI's --autoencoder_run: reconstruction quality, whole and in tiles, and the compression.
+    scores = evaluate_cli.run(None, autoencoder=str(run), num=4, data_dir=str(moving_shapes_dir))
+    assert scores["compression"] == 8 * 32 * 32 * 3 / (8 * 8 * 8 * 4) and scores["latent_shape"] == [8, 8, 8, 4]
+    assert scores["num_clips"] == 4 and np.isfinite(scores["psnr"]) and -1 <= scores["ssim"] <= 1
+    assert scores["tiled"]["tile_latent_px"] == 4 and np.isfinite(scores["tiled"]["psnr_vs_whole"])
+
     other = dit.copy_and_resolve_references()
     other.latent.autoencoder = "/somewhere/else"
     with pytest.raises(ValueError, match="config.latent.autoencoder='/somewhere/else' .* was encoded with"):
@@ -104,3 +111,5 @@ def test_a_dit_trains_on_latents_and_samples_pixels(latent_data, tmp_path):
     assert saved["latent"]["autoencoder"] == str(run)  # the run samples pixels with nothing but its config
     samples = np.load(tmp_path / "run" / "samples" / "step_2" / "samples.npz")
     assert samples["videos"].shape == (2, 8, 32, 32, 3) and samples["videos"].dtype == np.uint8
+    with pytest.raises(cli.UsageError, match="is a 'dit' run, not a video autoencoder"):
+        evaluate_cli.run(None, autoencoder=str(tmp_path / "run"), num=1)
