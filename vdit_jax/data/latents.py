@@ -92,7 +92,7 @@ def write_dataset(
       ValueError: the run is not a video autoencoder, or the source's videos do not fit it (frames 1 + r k, sizes
         divisible by s); FileExistsError: the dataset exists (delete it to rebuild: nothing is overwritten).
     """
-    from vdit_jax import inference, tasks
+    from vdit_jax import inference, paths, tasks
     from vdit_jax.data import moving_shapes
     from vdit_jax.tasks import autoencoder as ae_task
 
@@ -131,7 +131,7 @@ def write_dataset(
     metadata = {
         "latent_mean": mean.tolist(),
         "latent_std": std.tolist(),
-        "autoencoder": os.fspath(autoencoder),
+        "autoencoder": os.fspath(paths.resolve(autoencoder)),  # absolute: the run samples from anywhere
         "autoencoder_step": int(loaded_step),
         "source": source,
     }
