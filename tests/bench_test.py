@@ -158,3 +158,13 @@ def test_attention_memory_ring_holds_blocks_not_all_keys():
     assert r["ring"]["temp_bytes"] < r["allgather"]["temp_bytes"] / 3, r
     with pytest.raises(cli.UsageError, match="--config is required for --mode=train"):
         bench.run(None, mode="train")
+
+
+def test_attention_speed_reports_every_shape_and_implementation(monkeypatch):
+    """--mode=attention_speed's structure at one tiny shape (the timings themselves are the benchmark's, not a
+    test's): both CPU implementations, forward and gradient, positive milliseconds."""
+    monkeypatch.setattr(bench, "ATTENTION_SHAPES", ((1, 16, 2, 8),))
+    r = bench.run(None, mode="attention_speed", steps=1)
+    assert r["mode"] == "attention_speed" and set(r["shapes"]) == {"1x16x2x8"}
+    row = r["shapes"]["1x16x2x8"]
+    assert set(row) == {"xla", "chunked"} and all(row[i]["forward_ms"] > 0 and row[i]["grad_ms"] > 0 for i in row)

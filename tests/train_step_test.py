@@ -100,7 +100,7 @@ def test_accumulated_micro_batches_stay_on_their_data_devices():
         compiled = step_lib.make_train_step(config, mesh, rules).lower(state, batches[0]).compile()
         metrics = []
         for batch in batches:
-            state, m = compiled(state, batch, config.train.num_steps)
+            state, m = compiled(state, batch, config.train.num_steps, None)  # no LoRA base
             metrics.append(jax.device_get(m))
     hlo = compiled.as_text()
     collectives = set(

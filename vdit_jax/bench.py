@@ -2,6 +2,7 @@
 
     python -m vdit_jax.bench --config=configs/bench.py:S2 [--steps=5] [--peak_tflops=X] [--mode=train|sample]
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m vdit_jax.bench --mode=attention_memory
+    python -m vdit_jax.bench --mode=attention_speed     # forward / gradient ms of xla vs chunked attention
 
 From a notebook: `bench.run(config, mode="train", steps=5)` returns the same dict. Nothing here reads a dataset:
 batches are synthetic arrays created on the devices with the shardings training uses.
@@ -16,6 +17,8 @@ sample: times one denoising step — one model forward on the classifier-free-gu
   models step with the text cache the sampler computes once per loop (`DiT._text_cache`: the encoders, the text
   projection, every cross-attention's keys and values); `ms_per_step_text_uncached` times the same step with the
   text encoded again, the saving.
+attention_speed (no config): the median forward and gradient times of self-attention with each CPU implementation
+  (`attention.attend`: xla, chunked) at `ATTENTION_SHAPES` (`attention_speed`).
 attention_memory (no config): the temporary memory per device that XLA allocates for the jitted value-and-grad of
   sequence-parallel self-attention (`attention.attend`, tokens split over a `sequence` axis of every device), once
   with `allgather` and once with `ring` (`attention_memory`); compiled only, nothing runs, so fake CPU devices do.
@@ -70,7 +73,7 @@ from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 
-MODES = ("train", "sample", "attention_memory")
+MODES = ("train", "sample", "attention_memory", "attention_speed")
 FREQUENCY_SIZE = 256  # width of the sinusoidal timestep features (layers.TimestepEmbedder)
 
 # Dense bf16 peak TFLOP/s per chip by device kind (lower-case substrings, first match wins; v5e before v5p).
@@ -343,6 +346,30 @@ def bench_sample(config, mesh, rules, steps: int) -> tuple[dict, list]:
     return fields, [compiled]
 
 
+ATTENTION_SHAPES = ((1, 2048, 6, 64), (2, 1024, 6, 64), (2, 512, 6, 64), (16, 64, 4, 32))  # [B, N, H, D]
+
+
+def attention_speed(steps: int = 5, implementations=("xla", "chunked")) -> dict:
+    """Median ms of the jitted forward and of the jitted gradient (w.r.t. q, k, v) of self-attention q/k/v
+    [B, N, H, D] (float32, no mask) for each of `implementations` at `ATTENTION_SHAPES`: C1's 2,048 tokens of 6 x 64
+    heads down to the CPU demo's 64 tokens. How `attention.resolve`'s CPU choice was measured."""
+    out = {}
+    for b, n, h, d in ATTENTION_SHAPES:
+        q, k, v = (jax.random.normal(jax.random.key(i), (b, n, h, d), jnp.float32) for i in range(3))
+        row = {}
+        for impl in implementations:
+            fn = lambda q, k, v, impl=impl: attention.attend(q, k, v, implementation=impl)
+            fwd = jax.jit(fn)
+            grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2)))
+            timed = {}
+            for name, f in (("forward_ms", fwd), ("grad_ms", grad)):
+                jax.block_until_ready(f(q, k, v))  # compile and warm up
+                timed[name] = 1e3 * statistics.median(_time_calls(functools.partial(f, q, k, v), steps))
+            row[impl] = timed
+        out[f"{b}x{n}x{h}x{d}"] = row
+    return out
+
+
 def attention_memory(
     tokens: int = 4096, heads: int = 4, head_dim: int = 64, batch: int = 1, implementation: str = "xla"
 ) -> dict:
@@ -395,6 +422,12 @@ def run(
     """Validates, builds the mesh, runs the benchmark; returns the JSON-ready result (see the module docstring)."""
     if mode not in MODES:
         raise cli.UsageError(f"--mode={mode!r} is not allowed; use one of {list(MODES)}")
+    if mode == "attention_speed":
+        if steps < 1:
+            raise cli.UsageError(f"--steps={steps} must be >= 1")
+        device = jax.devices()[0]
+        fields = {"mode": mode, "backend": jax.default_backend(), "device_kind": device.device_kind}
+        return {**fields, "steps_timed": steps, "shapes": attention_speed(steps)}
     if mode == "attention_memory":
         device = jax.devices()[0]
         fields = {"mode": mode, "backend": jax.default_backend(), "device_kind": device.device_kind}
@@ -465,7 +498,9 @@ def main() -> None:
     from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file(
-        "config", None, "Benchmark config (configs/bench.py:VARIANT); not used by --mode=attention_memory."
+        "config",
+        None,
+        "Benchmark config (configs/bench.py:VARIANT); not used by --mode=attention_memory or attention_speed.",
     )
     steps = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step; the median is reported.")
     peak = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: by device kind).")
