@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import bench as bench_configs
+from tests import helpers
 from tests.xla_flags import xla_flags
 from vdit_jax import bench, cli
 from vdit_jax import config as config_lib
@@ -168,3 +169,26 @@ def test_attention_speed_reports_every_shape_and_implementation(monkeypatch):
     assert r["mode"] == "attention_speed" and set(r["shapes"]) == {"1x16x2x8"}
     row = r["shapes"]["1x16x2x8"]
     assert set(row) == {"xla", "chunked"} and all(row[i]["forward_ms"] > 0 and row[i]["grad_ms"] > 0 for i in row)
+
+
+def test_peer_benchmark_mirrors_the_shape_and_runs_ours_alone_without_torch(monkeypatch):
+    """--peer=diffusers: Wan's constructor mirrors the config (C1's sizes here); without torch / diffusers the
+    benchmark says what is missing and reports ours alone. (The timings are the benchmark's: README.)"""
+    from vdit_jax import peer
+
+    c = bench_configs.get_config("tiny")
+    c.model.update(hidden_size=384, num_heads=6, depth=8, mlp_ratio=4.0, text_dim=512, in_channels=16)
+    c.data.video_shape = (8, 32, 32, 16)
+    kw = peer.wan_kwargs(c)
+    assert (kw["num_attention_heads"], kw["attention_head_dim"], kw["ffn_dim"], kw["num_layers"]) == (6, 64, 1536, 8)
+    assert (kw["in_channels"], kw["text_dim"], kw["patch_size"]) == (16, 512, (1, 4, 4))
+    monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
+    assert "needs torch and diffusers, which are not installed: pip install -e '.[peer]'" in peer.available()
+    tiny = bench_configs.get_config("tiny")
+    tiny.train.global_batch_size = 8  # one example per fake device
+    r = bench.run(tiny, mode="sample", steps=1, peer="diffusers")
+    assert r["ms_per_step"] > 0 and "needs torch and diffusers" in r["peer"]["missing"] and "ratio_to_peer" not in r
+    with pytest.raises(cli.UsageError, match="--peer='pytorch' is not allowed; use 'diffusers'"):
+        bench.run(bench_configs.get_config("tiny"), peer="pytorch")
+    with pytest.raises(cli.UsageError, match="mirrors text-conditioned DiTs"):
+        bench.run(helpers.tiny_config(), peer="diffusers")

@@ -64,9 +64,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from vdit_jax import cli, diffusion, tasks
 from vdit_jax import config as config_lib
+from vdit_jax import peer as peer_lib
 from vdit_jax.models import attention, dit, layers
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
@@ -418,6 +420,7 @@ def run(
     steps: int = 5,
     peak: float | None = None,
     config_name: str = "",
+    peer: str | None = None,
 ) -> dict:
     """Validates, builds the mesh, runs the benchmark; returns the JSON-ready result (see the module docstring)."""
     if mode not in MODES:
@@ -434,6 +437,13 @@ def run(
         return {**fields, "device_count": jax.device_count(), **attention_memory()}
     if config is None:
         raise cli.UsageError(f"--config is required for --mode={mode}")
+    if peer is not None and peer != peer_lib.NAME:
+        raise cli.UsageError(f"--peer={peer!r} is not allowed; use {peer_lib.NAME!r} (or leave it out)")
+    if peer is not None:
+        try:
+            peer_lib.wan_kwargs(config)
+        except ValueError as e:
+            raise cli.UsageError(f"--peer={peer}: {e}") from None
     if steps < 1:
         raise cli.UsageError(f"--steps={steps} must be >= 1")
     if peak is not None and not peak > 0:
@@ -454,7 +464,7 @@ def run(
     tflops = None if fields["model_flops"] is None else fields["model_flops"] / step_s / 1e12
     tokens = num_tokens(config)
     mem, mem_source = peak_memory(compiled)
-    return {
+    result = {
         "config": config_name,
         "mode": mode,
         "backend": jax.default_backend(),
@@ -476,6 +486,15 @@ def run(
         "peak_memory_source": mem_source,
         "steps_timed": steps,
     }
+    if peer is not None:  # diffusers at the same shape, in this process, after ours
+        missing = peer_lib.available()
+        if missing:
+            logging.warning("%s", missing)
+            result["peer"] = {"missing": missing}
+        else:
+            result["peer"] = peer_lib.run(config, mode, steps)
+            result["ratio_to_peer"] = result["ms_per_step"] / result["peer"]["ms_per_step"]
+    return result
 
 
 def to_json(result: dict) -> str:
@@ -505,13 +524,25 @@ def main() -> None:
     steps = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step; the median is reported.")
     peak = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: by device kind).")
     mode = flags.DEFINE_string("mode", "train", f"One of {list(MODES)}.")
+    peer = flags.DEFINE_string(
+        "peer",
+        None,
+        f"'{peer_lib.NAME}': also time diffusers' WanTransformer3DModel at the config's shape in this process (the "
+        "optional peer extra; without it, ours runs alone) and print the ratio.",
+    )
 
     def _main(argv):
         if len(argv) > 1:
             cli.fail(f"unexpected arguments {argv[1:]}; see --help")
         name = flags.FLAGS["config"].config_filename if flags.FLAGS["config"].present else ""
         result = cli.run_guarded(
-            run, config_flag.value, mode=mode.value, steps=steps.value, peak=peak.value, config_name=name
+            run,
+            config_flag.value,
+            mode=mode.value,
+            steps=steps.value,
+            peak=peak.value,
+            config_name=name,
+            peer=peer.value,
         )
         print(to_json(result), flush=True)
 
