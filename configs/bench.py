@@ -21,6 +21,12 @@ S2       DESIGN §7 train step, DiT-XL width: 28 blocks, width 1152, 16 heads, F
          1x2x2 -> 4,096 tokens; batch 4; 120 T5-XXL text tokens of width 4096; AdamW, f32 master weights, bf16
          compute, remat (matmul outputs saved). Parameters: 0.828e9 = DiT-XL/2's 675M less its label table, plus
          cross-attention (28 x 5.3M) and the text projection (6.0M).
+C1       The CPU peer-comparison shape (README, "Performance against PyTorch"): width 384 = 6 heads x 64, FFN 1536,
+         8 blocks, latent 8x32x32x16, patch 1x2x2 -> 2,048 tokens, 64 text tokens of width 512, float32, guidance 1
+         (one forward a sampling step); batch 2 for the train step (`--config.train.global_batch_size=1` for the
+         sampling step, as measured).
+demo     The CPU demo's network at its shape, text-conditioned so that Wan can mirror it: width 128, 4 heads, 4
+         blocks, 64 tokens (8x16x16x3 pixels in 8x2x2 tubelets), batch 16, 8 text tokens of width 32.
 xl_long  The XL DiT on 65,536 tokens: latent 16x128x128x4, patch 1x2x2 -> 16 frames x 64x64; global batch 8;
          120 text tokens; scanned layers, full remat, bf16 compute. The mesh (data 1 x fsdp 8 x sequence = the
          rest) is a starting point for the pod dry run, which picks the fsdp / sequence split that fits.
@@ -31,7 +37,7 @@ from vdit_jax import config as config_lib
 from vdit_jax.data import latent_text
 from vdit_jax.models import dit
 
-VARIANTS = ("tiny", "S1", "S2", "xl_long")
+VARIANTS = ("tiny", "S1", "S2", "xl_long", "C1", "demo")
 
 
 def get_config(arg: str = "tiny"):
@@ -83,6 +89,23 @@ def get_config(arg: str = "tiny"):
             dict(in_channels=4, patch_size=(1, 2, 2), text_dim=4096, dtype="bfloat16", remat="dots_no_batch")
         )
         c.train.global_batch_size = 4
+    elif variant == "C1":
+        c.data.video_shape = (8, 32, 32, 16)
+        c.data.text_len = 64
+        c.model.update(
+            dict(
+                hidden_size=384, depth=8, num_heads=6, mlp_ratio=4.0, in_channels=16, patch_size=(1, 2, 2), text_dim=512
+            )
+        )
+        c.train.global_batch_size = 2
+        c.sample.guidance = 1.0
+    elif variant == "demo":
+        c.data.video_shape = (8, 16, 16, 3)
+        c.data.text_len = 8
+        c.model.update(
+            dict(hidden_size=128, depth=4, num_heads=4, mlp_ratio=4.0, in_channels=3, patch_size=(8, 2, 2), text_dim=32)
+        )
+        c.train.global_batch_size = 16
     else:  # xl_long
         c.data.video_shape = (16, 128, 128, 4)
         c.data.text_len = 120

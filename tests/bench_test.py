@@ -117,6 +117,10 @@ def test_workloads_sizes_and_validation():
     # S1: Wan2.1-1.3B's blocks and text projection plus a per-block adaLN Dense D -> 6D (see configs/bench.py).
     assert 1.80e9 < bench.param_count(s1) < 1.90e9
     assert bench.param_count(bench_configs.get_config("tiny")) < 1e6
+    c1, demo = bench_configs.get_config("C1"), bench_configs.get_config("demo")  # the peer comparison's shapes
+    assert (bench.num_tokens(c1), bench.num_tokens(demo)) == (2048, 64)
+    config_lib.validate(c1, 1)
+    config_lib.validate(demo, 1)
 
 
 def test_peak_tflops_by_device_kind():
@@ -176,12 +180,9 @@ def test_peer_benchmark_mirrors_the_shape_and_runs_ours_alone_without_torch(monk
     benchmark says what is missing and reports ours alone. (The timings are the benchmark's: README.)"""
     from vdit_jax import peer
 
-    c = bench_configs.get_config("tiny")
-    c.model.update(hidden_size=384, num_heads=6, depth=8, mlp_ratio=4.0, text_dim=512, in_channels=16)
-    c.data.video_shape = (8, 32, 32, 16)
-    kw = peer.wan_kwargs(c)
+    kw = peer.wan_kwargs(bench_configs.get_config("C1"))
     assert (kw["num_attention_heads"], kw["attention_head_dim"], kw["ffn_dim"], kw["num_layers"]) == (6, 64, 1536, 8)
-    assert (kw["in_channels"], kw["text_dim"], kw["patch_size"]) == (16, 512, (1, 4, 4))
+    assert (kw["in_channels"], kw["text_dim"], kw["patch_size"]) == (16, 512, (1, 2, 2))
     monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
     assert "needs torch and diffusers, which are not installed: pip install -e '.[peer]'" in peer.available()
     tiny = bench_configs.get_config("tiny")
