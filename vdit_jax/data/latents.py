@@ -193,28 +193,23 @@ def decode(config: ml_collections.ConfigDict, latents) -> np.ndarray:
     return dit_task.to_uint8(task.decode(params, jax.numpy.asarray(z)))
 
 
-# ---------------------------------------------------------------- CLI
-
-_AUTOENCODER = flags.DEFINE_string("autoencoder", None, "The video autoencoder's training run.")
-_STEP = flags.DEFINE_integer("step", None, "Its checkpoint (default: the latest).")
-_SOURCE = flags.DEFINE_string("source", None, "The TFDS dataset to encode, e.g. moving_shapes/17x32.")
-_NAME = flags.DEFINE_string("name", None, "The latent dataset's name: writes video_latents/NAME.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Local data dir (default $VDIT_DATA_DIR or ~/.cache/vdit_jax/data).")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Videos per encoder call.")
-_MAX = flags.DEFINE_integer("max_examples", None, "Encode only the first N records of every split.")
+# ---------------------------------------------------------------- CLI (flags defined only when run as a program:
+# the trainer imports this module)
 
 
-def main(argv) -> None:
+def main() -> None:
     from vdit_jax import cli
     from vdit_jax.data import sources
 
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
-    for flag in (_AUTOENCODER, _SOURCE, _NAME):
-        if not flag.value:
-            cli.fail(f"--{flag.name} is required")
-    cli.setup_logging()
-    data_dir = _DATA_DIR.value or sources.default_data_dir()
+    autoencoder = flags.DEFINE_string("autoencoder", None, "The video autoencoder's training run.")
+    step = flags.DEFINE_integer("step", None, "Its checkpoint (default: the latest).")
+    source = flags.DEFINE_string("source", None, "The TFDS dataset to encode, e.g. moving_shapes/17x32.")
+    name = flags.DEFINE_string("name", None, "The latent dataset's name: writes video_latents/NAME.")
+    data_dir = flags.DEFINE_string(
+        "data_dir", None, "Local data dir (default $VDIT_DATA_DIR or ~/.cache/vdit_jax/data)."
+    )
+    batch = flags.DEFINE_integer("batch_size", 32, "Videos per encoder call.")
+    max_examples = flags.DEFINE_integer("max_examples", None, "Encode only the first N records of every split.")
 
     def write(*args, **kwargs):
         try:
@@ -222,21 +217,28 @@ def main(argv) -> None:
         except ValueError as e:
             raise cli.UsageError(str(e)) from None
 
-    name = cli.run_guarded(
-        write,
-        data_dir,
-        _SOURCE.value,
-        _NAME.value,
-        _AUTOENCODER.value,
-        step=_STEP.value,
-        batch_size=_BATCH.value,
-        max_examples=_MAX.value,
-    )
-    meta = read_metadata(data_dir, name)
-    print(json.dumps({"data.name": name, "data_dir": data_dir, **meta}))
+    def _main(argv):
+        if len(argv) > 1:
+            cli.fail(f"unexpected arguments {argv[1:]}; see --help")
+        for flag in (autoencoder, source, name):
+            if not flag.value:
+                cli.fail(f"--{flag.name} is required")
+        cli.setup_logging()
+        root = data_dir.value or sources.default_data_dir()
+        written = cli.run_guarded(
+            write,
+            root,
+            source.value,
+            name.value,
+            autoencoder.value,
+            step=step.value,
+            batch_size=batch.value,
+            max_examples=max_examples.value,
+        )
+        print(json.dumps({"data.name": written, "data_dir": root, **read_metadata(root, written)}))
+
+    app.run(_main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
-    from vdit_jax import cli
-
-    app.run(main, flags_parser=cli.parse_flags)
+    main()
