@@ -105,6 +105,7 @@ def test_a_dit_trains_on_latents_and_samples_pixels(latent_data, tmp_path):
     c.data.update(name=name, video_shape=(8, 8, 8, 4), builder_config="")
     c.model.update(in_channels=4, patch_size=(2, 2, 2))
     c.train.update(num_steps=2, sample_num=2, global_batch_size=8)
+    latents._autoencoder.cache_clear()  # the trainer's samples load the autoencoder inside its sampling mesh
     last = loop.train(c, tmp_path / "run", data_dir=data_dir)
     assert last["step"] == 2 and np.isfinite(last["loss"])
     saved = json.loads((tmp_path / "run" / "config.json").read_text())

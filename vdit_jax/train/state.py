@@ -91,7 +91,7 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target of a checkpoint on this mesh."""
-    shapes = nn.unbox(jax.eval_shape(_init_fn(config), jax.random.key(0)))
+    shapes = _unboxed_shapes(jax.eval_shape(_init_fn(config), jax.random.key(0)))
     shardings = state_shardings(config, mesh, rules)
     return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, shardings)
 
@@ -110,7 +110,19 @@ def abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
     batch = task.batch_shapes(config.train.global_batch_size // config.train.grad_accum_steps)
     boxed = jax.eval_shape(task.init, jax.random.key(0), batch)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), nn.unbox(boxed), shardings)
+    return jax.tree.map(
+        lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), _unboxed_shapes(boxed), shardings
+    )
+
+
+def _unboxed_shapes(boxed):
+    """The ShapeDtypeStructs of a boxed `jax.eval_shape` result, unboxed without sharding constraints: `nn.unbox`
+    constrains to the mesh in context, which fails on shapes (a sampler loading a model inside a training mesh)."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules, rng: jax.Array) -> TrainState:
