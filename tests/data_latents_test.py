@@ -12,7 +12,7 @@ from tests import tiny_config as tiny
 from vdit_jax import cli, inference, tasks
 from vdit_jax import config as config_lib
 from vdit_jax import evaluate as evaluate_cli
-from vdit_jax.data import latents
+from vdit_jax.data import latents, sources
 from vdit_jax.parallel import mesh as mesh_lib
 from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import checkpoint as ckpt_lib
@@ -80,6 +80,7 @@ def test_latent_dataset_round_trip(latent_data, moving_shapes_dir):
     dit.data.name = name
     latents.fill_config(dit, data_dir)
     assert dit.latent.autoencoder == str(run) and np.allclose(dit.latent.std, std)
+    assert dit.latent.source == "moving_shapes/8x32" and sources.caption(dit, 3) == "a red square moving down"
     pixels = latents.decode(dit, train[3]["video"][None])
     assert pixels.dtype == np.uint8 and pixels.shape == (1, 8, 32, 32, 3)
     recon = np.asarray(task.sample(params, {"video": video}, None))

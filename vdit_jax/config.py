@@ -130,6 +130,7 @@ def base_config(kind: str = "dit") -> ml_collections.ConfigDict:
     c.latent.autoencoder_step = -1
     c.latent.mean = ()
     c.latent.std = ()
+    c.latent.source = ""  # the dataset the latents were encoded from, e.g. moving_shapes/17x32 (its prompts apply)
 
     # LoRA fine-tuning (vdit_jax.models.lora; rank 0 = off, the whole network is trained): the run trains low-rank
     # adapters on the kernels `targets` names (presets of lora.PRESETS or regexes on "/"-joined parameter paths) of

@@ -158,9 +158,9 @@ def read_metadata(data_dir, name: str) -> dict:
 
 
 def fill_config(config: ml_collections.ConfigDict, data_dir) -> None:
-    """Copies the latent dataset's decoding metadata into `config.latent` (autoencoder, its step, mean, std), so a
-    run samples pixels with nothing but its own config. Raises ValueError when `config.latent` names another
-    autoencoder than the dataset was encoded with."""
+    """Copies the latent dataset's decoding metadata into `config.latent` (autoencoder, its step, mean, std, the
+    source dataset), so a run samples pixels (and reads its source's prompts) with nothing but its own config.
+    Raises ValueError when `config.latent` names another autoencoder than the dataset was encoded with."""
     meta = read_metadata(data_dir, config.data.name)
     lat = config.latent
     if lat.autoencoder and (lat.autoencoder, lat.autoencoder_step) != (meta["autoencoder"], meta["autoencoder_step"]):
@@ -172,6 +172,7 @@ def fill_config(config: ml_collections.ConfigDict, data_dir) -> None:
     lat.autoencoder_step = meta["autoencoder_step"]
     lat.mean = tuple(float(v) for v in meta["latent_mean"])
     lat.std = tuple(float(v) for v in meta["latent_std"])
+    lat.source = meta["source"]
 
 
 @functools.cache

@@ -252,9 +252,14 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def moving_shapes_classes(config: ml_collections.ConfigDict) -> bool:
+    """Whether the model's class labels are moving_shapes' (its data, or latents encoded from it)."""
+    return config.data.name in BUILT_IN or config.latent.source.split("/")[0] == MOVING_SHAPES
+
+
 def caption(config: ml_collections.ConfigDict, label: int) -> str:
     """The prompt text of a class label."""
-    if config.data.name in BUILT_IN:
+    if moving_shapes_classes(config):
         return moving_shapes.caption_for(label)
     return f"class {label}"
 
@@ -277,7 +282,7 @@ def prompt_conditions(config: ml_collections.ConfigDict, prompt: str, num: int) 
 
 def parse_prompt(config: ml_collections.ConfigDict, prompt: str) -> int:
     """The class label of a prompt; raises cli.UsageError naming the prompt and the grammar."""
-    if config.data.name != MOVING_SHAPES:
+    if not moving_shapes_classes(config):
         raise cli.UsageError(f"--prompt works for moving_shapes models; this one was trained on {config.data.name!r}")
     try:
         return moving_shapes.parse_caption(prompt)
