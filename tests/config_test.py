@@ -238,6 +238,7 @@ ANY_STR = (
     "data.split",
     "data.feature_key",
     "data.label_key",
+    "latent.source",  # a dataset's name, written by the trainer from the latent dataset's metadata
     "lora.base_workdir",  # a path, read when lora.rank > 0 (tests/train_lora_test.py: a missing one is refused)
 )
 
