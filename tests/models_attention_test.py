@@ -43,7 +43,8 @@ def test_resolve_per_backend_and_dtype():
     assert attention.resolve("auto", jnp.float32, "gpu") == "xla"  # cuDNN flash attention is bf16/fp16 only
     assert attention.resolve("auto", jnp.float32, "tpu") == "splash"
     assert attention.resolve("auto", jnp.bfloat16, "cpu") == "chunked"  # measured faster on CPUs (attention.py)
-    assert attention.resolve("auto", jnp.float32, "cpu") == "chunked"
+    assert attention.resolve("auto", jnp.float32, "cpu", kv_tokens=256) == "chunked"
+    assert attention.resolve("auto", jnp.float32, "cpu", kv_tokens=64) == "xla"  # its gradient is faster there
     assert attention.resolve("splash", jnp.float32, "cpu") == "splash"  # interpret mode / TPU AOT compiles
     assert attention.resolve("cudnn", jnp.bfloat16, "gpu") == "cudnn"
     with pytest.raises(ValueError, match="'cudnn' needs an NVIDIA GPU, not 'cpu'"):

@@ -4,12 +4,14 @@
     out = attention.attend(q, k, v, implementation="auto")   # q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]
 
 Implementations (`DiTConfig.attention_impl`):
-  auto    cudnn on NVIDIA GPUs for bf16/fp16 inputs, splash on TPU, chunked on CPUs, xla elsewhere.
+  auto    cudnn on NVIDIA GPUs for bf16/fp16 inputs, splash on TPU, chunked on CPUs from CHUNKED_MIN_KEYS keys on,
+          xla elsewhere.
   xla     `jax.nn.dot_product_attention(implementation="xla")`: materialises the [Lq, Lk] scores.
   chunked `blockwise.query_chunked_attention`: heads-major, CHUNK_Q queries at a time against every key, with a
           custom VJP that recomputes each chunk's probabilities; no [Lq, Lk] scores in memory, forward or backward.
-          On 2 CPU cores, 2,048 tokens of 6 heads x 64: forward 48 ms and gradient 172 ms against xla's 139 and
-          543 (`python -m vdit_jax.bench --mode=attention_speed`); not slower at 64 tokens either.
+          On 2 CPU cores, 2,048 tokens of 6 heads x 64: forward 53 ms and gradient 191 ms against xla's 164 and
+          577; at 512 tokens 10.5 / 30.9 against 13.7 / 49.8; at 64 tokens (16 x 4 heads x 32) the gradient is
+          slower, 3.3 against 2.9 ms (`python -m vdit_jax.bench --mode=attention_speed`).
   cudnn   cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) in bf16; the token axes
           are padded to a multiple of 64 and the padding masked through the sequence lengths, the head width padded
           to a multiple of 8 (wider than cuDNN takes: XLA, with one log line).
@@ -53,14 +55,16 @@ from vdit_jax.models import blockwise
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 CHUNK_Q = 128  # chunked: queries per chunk (128 and 256 measured within 10 % of each other at 512-2,048 tokens)
+CHUNKED_MIN_KEYS = 256  # auto on a CPU: chunked from this many keys on (faster at 512, slower at 64: above)
 SEQUENCE_PARALLEL = ("allgather", "ring")
 CUDNN_BLOCK = 64
 CUDNN_HEAD_MULTIPLE = 8  # cuDNN flash attention takes head widths that are multiples of 8 (and at most 128 / 256)
 SPLASH_LANES = 128
 
 
-def resolve(implementation: str, dtype, platform: str | None = None) -> str:
-    """The concrete implementation for `implementation` on `platform` (default: JAX's default backend)."""
+def resolve(implementation: str, dtype, platform: str | None = None, kv_tokens: int | None = None) -> str:
+    """The concrete implementation for `implementation` on `platform` (default: JAX's default backend) for
+    attention over `kv_tokens` keys (None: many)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     platform = platform or jax.default_backend()
@@ -72,7 +76,7 @@ def resolve(implementation: str, dtype, platform: str | None = None) -> str:
         return "cudnn"
     if platform == "tpu":
         return "splash"
-    if platform == "cpu":
+    if platform == "cpu" and (kv_tokens is None or kv_tokens >= CHUNKED_MIN_KEYS):
         return "chunked"
     return "xla"
 
@@ -327,7 +331,7 @@ def attend(
     """
     if sequence_parallel not in SEQUENCE_PARALLEL:
         raise ValueError(f"sequence_parallel {sequence_parallel!r} is not one of {SEQUENCE_PARALLEL}")
-    impl = resolve(implementation, q.dtype)
+    impl = resolve(implementation, q.dtype, kv_tokens=k.shape[1])
     if kv_mask is None:
         return _attend(q, k, v, None, impl, sequence_parallel, q_axes, kv_axes, interpret)
     if kv_mask.shape != k.shape[:2]:
