@@ -112,6 +112,7 @@ def load(workdir, step: int | None = None) -> tuple[ml_collections.ConfigDict, d
       ValueError: a LoRA run whose base no longer matches the adapter (the mismatch named).
     """
     workdir = paths.resolve(workdir)
+    _checkpoint_dir(workdir)  # the first thing a user gets wrong: a path that is not a run
     config = load_config(workdir)
     mesh = mesh_lib.make_mesh({sh.DATA: 1}, jax.devices()[:1])
     rules = sh.rules_from_config(config.logical_axis_rules)
@@ -127,9 +128,7 @@ def restore_ema(workdir, config: ml_collections.ConfigDict, mesh, rules, step: i
     """(EMA params, step) of a run's latest (or a given) checkpoint, restored onto `mesh`'s shardings of `config`
     (a LoRA run: its adapter). Only the EMA is read: the raw parameters and the optimizer state (3x the EMA's size)
     stay on disk, and the optimizer state's saved structure does not matter. Raises FileNotFoundError."""
-    ckpt_dir = paths.resolve(workdir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoints under {os.fspath(workdir)!r} (expected {os.fspath(ckpt_dir)})")
+    ckpt_dir = _checkpoint_dir(workdir)
     target = {"ema_params": state_lib.abstract_state(config, mesh, rules).ema_params}
     checkpointer = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
     try:
@@ -137,6 +136,14 @@ def restore_ema(workdir, config: ml_collections.ConfigDict, mesh, rules, step: i
     finally:
         checkpointer.close()
     return restored["ema_params"], int(restored_step)
+
+
+def _checkpoint_dir(workdir):
+    """workdir/checkpoints; FileNotFoundError naming the workdir when it is missing."""
+    ckpt_dir = paths.resolve(workdir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoints under {os.fspath(workdir)!r} (expected {os.fspath(ckpt_dir)})")
+    return ckpt_dir
 
 
 @dataclasses.dataclass(frozen=True)
