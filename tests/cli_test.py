@@ -62,7 +62,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
             [f"--workdir={tmp_path / 'no_run'}"],
             f"error: no checkpoints under '{tmp_path / 'no_run'}'",
         ),
-        "vdit_jax.evaluate": ([], "error: give --samples (generated videos) or --interpolator_run (a training run)"),
+        "vdit_jax.evaluate": ([], "error: give --samples (generated videos), --interpolator_run or --autoencoder_run"),
         "vdit_jax.bench": (
             ["--config=configs/no_such_config.py"],
             "error: --config: could not load the config file: [Errno 2] No such file or directory",
