@@ -20,8 +20,16 @@ BENCH = "--config=configs/bench.py:tiny"
 HELP = {
     "vdit_jax.train": ("--config:", "--workdir:", "--data_dir:", "--num_processes:"),
     "vdit_jax.sample": ("--workdir:", "--prompt:", "--label:", "--steps:", "--sampler:", "--pipeline:"),
-    "vdit_jax.evaluate": ("--samples:", "--interpolator_run:", "--keyframe_stride:", "--num_given:", "--ddim_steps:"),
-    "vdit_jax.bench": ("--config:", "--steps:", "--mode:", "--peak_tflops:"),
+    "vdit_jax.evaluate": (
+        "--samples:",
+        "--interpolator_run:",
+        "--autoencoder_run:",
+        "--keyframe_stride:",
+        "--num_given:",
+        "--ddim_steps:",
+    ),
+    "vdit_jax.bench": ("--config:", "--steps:", "--mode:", "--peak_tflops:", "--peer:"),
+    "vdit_jax.data.latents": ("--autoencoder:", "--source:", "--name:", "--data_dir:", "--max_examples:"),
     "vdit_jax.aot": ("--config:", "--topology:", "--mesh:", "--max_tries:"),
 }
 
@@ -63,6 +71,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path):
             f"error: no checkpoints under '{tmp_path / 'no_run'}'",
         ),
         "vdit_jax.evaluate": ([], "error: give --samples (generated videos), --interpolator_run or --autoencoder_run"),
+        "vdit_jax.data.latents": (["--source=moving_shapes/17x32", "--name=x"], "error: --autoencoder is required"),
         "vdit_jax.bench": (
             ["--config=configs/no_such_config.py"],
             "error: --config: could not load the config file: [Errno 2] No such file or directory",
