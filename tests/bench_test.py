@@ -183,7 +183,12 @@ def test_peer_benchmark_mirrors_the_shape_and_runs_ours_alone_without_torch(monk
     kw = peer.wan_kwargs(bench_configs.get_config("C1"))
     assert (kw["num_attention_heads"], kw["attention_head_dim"], kw["ffn_dim"], kw["num_layers"]) == (6, 64, 1536, 8)
     assert (kw["in_channels"], kw["text_dim"], kw["patch_size"]) == (16, 512, (1, 2, 2))
-    monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
+    find_spec = peer.importlib.util.find_spec  # torch and diffusers hidden, everything else found as ever
+    monkeypatch.setattr(
+        peer.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("torch", "diffusers") else find_spec(name, *a),
+    )
     assert "needs torch and diffusers, which are not installed: pip install -e '.[peer]'" in peer.available()
     tiny = bench_configs.get_config("tiny")
     tiny.train.global_batch_size = 8  # one example per fake device
