@@ -215,17 +215,28 @@ def test_ring_ignores_the_implementation():
 
 
 @pytest.mark.parametrize(
-    "block_q,block_k,masked", [(None, 4, True), (16, 5, True), (64, 64, False), (16, None, True), (64, None, False)]
+    "block_q,block_k,masked,tile",
+    [
+        (None, 4, True, None),
+        (16, 5, True, None),
+        (64, 64, False, None),
+        (16, None, True, None),
+        (16, None, True, 16 * 9 * 2),
+        (64, None, False, None),
+    ],
 )
-def test_blockwise_matches_plain(block_q, block_k, masked):
+def test_blockwise_matches_plain(block_q, block_k, masked, tile):
     """Local blockwise attention (query and key blocks that divide neither 37 nor 9 tokens, or one block of each;
-    block_k None: the query-chunked CPU kernel, every key at once) with and without a key mask: values and q/k/v
-    gradients equal the reference; a query with no real key gets zeros and finite (zero) gradients."""
+    block_k None: the query-chunked CPU kernel, every key at once, all 8 (batch, head) pairs in a chunk or, with
+    `tile`, 2 at a time) with and without a key mask: values and q/k/v gradients equal the reference; a query with
+    no real key gets zeros and finite (zero) gradients."""
     q, k, v = qkv(4, 37, 9, 2, 8, seed=12)
     mask = jnp.asarray(MASK) if masked else None
     w = jax.random.normal(jax.random.key(13), q.shape)
     if block_k is None:
-        fn = lambda q, k, v: blockwise.query_chunked_attention(q, k, v, mask, block_q=block_q)  # noqa: E731
+        fn = lambda q, k, v: blockwise.query_chunked_attention(  # noqa: E731
+            q, k, v, mask, block_q=block_q, tile_elements=tile or blockwise.TILE_ELEMENTS
+        )
     else:
         fn = lambda q, k, v: blockwise.attention(q, k, v, mask, block_q=block_q, block_k=block_k)  # noqa: E731
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)

@@ -7,11 +7,11 @@ Implementations (`DiTConfig.attention_impl`):
   auto    cudnn on NVIDIA GPUs for bf16/fp16 inputs, splash on TPU, chunked on CPUs from CHUNKED_MIN_KEYS keys on,
           xla elsewhere.
   xla     `jax.nn.dot_product_attention(implementation="xla")`: materialises the [Lq, Lk] scores.
-  chunked `blockwise.query_chunked_attention`: heads-major, CHUNK_Q queries at a time against every key, with a
+  chunked `blockwise.query_chunked_attention`: CHUNK_Q queries of a few heads at a time against every key, with a
           custom VJP that recomputes each chunk's probabilities; no [Lq, Lk] scores in memory, forward or backward.
-          On 2 CPU cores, 2,048 tokens of 6 heads x 64: forward 53 ms and gradient 191 ms against xla's 164 and
-          577; at 512 tokens 10.5 / 30.9 against 13.7 / 49.8; at 64 tokens (16 x 4 heads x 32) the gradient is
-          slower, 3.3 against 2.9 ms (`python -m vdit_jax.bench --mode=attention_speed`).
+          On 2 CPU cores, 2,048 tokens of 6 heads x 64: forward 45 ms and gradient 127 ms against xla's 146 and
+          548; at 512 tokens 7.2 / 21.7 against 9.9 / 46.0; at 64 tokens (16 x 4 heads x 32) slower, 1.4 / 3.5
+          against 1.1 / 2.3 ms (`python -m vdit_jax.bench --mode=attention_speed`).
   cudnn   cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) in bf16; the token axes
           are padded to a multiple of 64 and the padding masked through the sequence lengths, the head width padded
           to a multiple of 8 (wider than cuDNN takes: XLA, with one log line).
@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 from vdit_jax.models import blockwise
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
-CHUNK_Q = 128  # chunked: queries per chunk (128 and 256 measured within 10 % of each other at 512-2,048 tokens)
+CHUNK_Q = 512  # chunked: queries per chunk (C1's 2,048 tokens: 512 x 2 heads a chunk beat 128 x 12 and 256 x 2-4)
 CHUNKED_MIN_KEYS = 256  # auto on a CPU: chunked from this many keys on (faster at 512, slower at 64: above)
 SEQUENCE_PARALLEL = ("allgather", "ring")
 CUDNN_BLOCK = 64
