@@ -183,12 +183,7 @@ def test_peer_benchmark_mirrors_the_shape_and_runs_ours_alone_without_torch(monk
     kw = peer.wan_kwargs(bench_configs.get_config("C1"))
     assert (kw["num_attention_heads"], kw["attention_head_dim"], kw["ffn_dim"], kw["num_layers"]) == (6, 64, 1536, 8)
     assert (kw["in_channels"], kw["text_dim"], kw["patch_size"]) == (16, 512, (1, 2, 2))
-    find_spec = peer.importlib.util.find_spec  # torch and diffusers hidden, everything else found as ever
-    monkeypatch.setattr(
-        peer.importlib.util,
-        "find_spec",
-        lambda name, *a: None if name in ("torch", "diffusers") else find_spec(name, *a),
-    )
+    _hide_peer(monkeypatch)
     assert "needs torch and diffusers, which are not installed: pip install -e '.[peer]'" in peer.available()
     tiny = bench_configs.get_config("tiny")
     tiny.train.global_batch_size = 8  # one example per fake device
@@ -198,3 +193,40 @@ def test_peer_benchmark_mirrors_the_shape_and_runs_ours_alone_without_torch(monk
         bench.run(bench_configs.get_config("tiny"), peer="pytorch")
     with pytest.raises(cli.UsageError, match="mirrors text-conditioned DiTs"):
         bench.run(helpers.tiny_config(), peer="diffusers")
+
+
+def _hide_peer(monkeypatch):
+    from vdit_jax import peer
+
+    find_spec = peer.importlib.util.find_spec  # torch and diffusers hidden, everything else found as ever
+    monkeypatch.setattr(
+        peer.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("torch", "diffusers") else find_spec(name, *a),
+    )
+
+
+def test_kernels_mode_times_every_operation_at_the_config_shapes(monkeypatch):
+    """--mode=kernels: the train step's operations at the config's shapes (tiny: batch 4, 64 tokens of 4 x 16,
+    MLP 256, 8 text tokens), forward and gradient ms of each; without torch, ours alone with the missing extra
+    named. (The timings are the benchmark's: README.)"""
+    _hide_peer(monkeypatch)
+    tiny = bench_configs.get_config("tiny")
+    shapes = bench.kernel_shapes(tiny)
+    assert shapes["self_attention"] == {"q": (4, 64, 4, 16), "kv": (4, 64, 4, 16)}
+    assert shapes["cross_attention"]["kv"] == (4, 8, 4, 16)
+    assert shapes["mlp_fc1"] == {"x": (256, 64), "w": (64, 256)} and shapes["gelu_tanh"] == {"x": (4, 64, 256)}
+    r = bench.run(tiny, mode="kernels", steps=1, peer="diffusers")
+    assert set(r["kernels"]) == set(shapes) and "needs torch and diffusers" in r["peer"]["missing"]
+    assert all(row["forward_ms"] > 0 and row["grad_ms"] > 0 for row in r["kernels"].values())
+
+
+def test_peer_kernel_times_run_in_pytorch():
+    """The PyTorch side of --mode=kernels at tiny shapes (runs where the `peer` extra is installed)."""
+    pytest.importorskip("torch", reason="torch is not installed (the optional `peer` extra)")
+    from vdit_jax import peer
+
+    shapes = bench.kernel_shapes(bench_configs.get_config("tiny"))
+    r = peer.kernel_times(shapes, steps=1)
+    assert set(r["kernels"]) == set(shapes) and r["threads"] >= 1
+    assert all(row["forward_ms"] > 0 and row["grad_ms"] > 0 for row in r["kernels"].values())

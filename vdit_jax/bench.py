@@ -19,6 +19,10 @@ sample: times one denoising step — one model forward on the classifier-free-gu
   text encoded again, the saving.
 attention_speed (no config): the median forward and gradient times of self-attention with each CPU implementation
   (`attention.attend`: xla, chunked) at `ATTENTION_SHAPES` (`attention_speed`).
+kernels: the train step's main operations one at a time at the config's shapes (`kernel_shapes`: self- and
+  cross-attention through `attention.attend`, the MLP's two matmuls, LayerNorm, tanh-GELU; float32), forward and
+  gradient ms; with `--peer=diffusers`, the same operations in PyTorch (`peer.kernel_times`) and the ratios. Where
+  the whole step is slower than the peer's, this says which kernels are.
 attention_memory (no config): the temporary memory per device that XLA allocates for the jitted value-and-grad of
   sequence-parallel self-attention (`attention.attend`, tokens split over a `sequence` axis of every device), once
   with `allgather` and once with `ring` (`attention_memory`); compiled only, nothing runs, so fake CPU devices do.
@@ -75,7 +79,7 @@ from vdit_jax.parallel import sharding as sh
 from vdit_jax.train import state as state_lib
 from vdit_jax.train import step as step_lib
 
-MODES = ("train", "sample", "attention_memory", "attention_speed")
+MODES = ("train", "sample", "attention_memory", "attention_speed", "kernels")
 FREQUENCY_SIZE = 256  # width of the sinusoidal timestep features (layers.TimestepEmbedder)
 
 # Dense bf16 peak TFLOP/s per chip by device kind (lower-case substrings, first match wins; v5e before v5p).
@@ -372,6 +376,59 @@ def attention_speed(steps: int = 5, implementations=("xla", "chunked")) -> dict:
     return out
 
 
+def kernel_shapes(config: ml_collections.ConfigDict) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The train step's main operations at `config`'s shapes (global batch B, N tokens, width D = H x Dh, MLP width
+    F, L text tokens): name -> its input shapes. Attention q/k/v are [B, N or L, H, Dh]; the matmuls x [B N, in] by
+    w [in, out]; LayerNorm and GELU act on [B, N, D] and [B, N, F]. The same dict drives `peer.kernel_times`."""
+    m = config.model
+    b, n, d, h = config.train.global_batch_size, num_tokens(config), m.hidden_size, m.num_heads
+    if n is None:
+        raise cli.UsageError("--mode=kernels needs a DiT config (configs/bench.py)")
+    f = int(m.mlp_ratio * d)
+    shapes = {
+        "self_attention": {"q": (b, n, h, d // h), "kv": (b, n, h, d // h)},
+        "mlp_fc1": {"x": (b * n, d), "w": (d, f)},
+        "mlp_fc2": {"x": (b * n, f), "w": (f, d)},
+        "layer_norm": {"x": (b, n, d)},
+        "gelu_tanh": {"x": (b, n, f)},
+    }
+    if config.data.text_len:
+        shapes["cross_attention"] = {"q": (b, n, h, d // h), "kv": (b, config.data.text_len, h, d // h)}
+    return shapes
+
+
+def kernel_times(config: ml_collections.ConfigDict, steps: int) -> dict[str, dict[str, float]]:
+    """Median forward and gradient (of sum(out * r), r fixed random, w.r.t. every input) ms of each operation of
+    `kernel_shapes`, jitted, float32: attention as the model runs it (`attention.attend`, "auto"), the matmuls
+    as `x @ w`, LayerNorm as the model's (`layers.layer_norm`: no scale or bias, eps 1e-6), tanh-GELU."""
+    out = {}
+    for name, shapes in kernel_shapes(config).items():
+        keys = iter(jax.random.split(jax.random.key(0), 8))
+        if "attention" in name:
+            args = [jax.random.normal(next(keys), shapes["q"])] + [
+                jax.random.normal(next(keys), shapes["kv"]) for _ in range(2)
+            ]
+            fn = lambda q, k, v: attention.attend(q, k, v)  # noqa: E731
+        elif name.startswith("mlp"):
+            args = [jax.random.normal(next(keys), shapes[k]) for k in ("x", "w")]
+            fn = lambda x, w: x @ w  # noqa: E731
+        else:
+            args = [jax.random.normal(next(keys), shapes["x"])]
+            if name == "layer_norm":
+                norm = layers.layer_norm(jnp.float32)
+                fn = lambda x, norm=norm: norm.apply({}, x)  # noqa: E731
+            else:
+                fn = functools.partial(jax.nn.gelu, approximate=True)
+        r = jax.random.normal(next(keys), jax.eval_shape(fn, *args).shape)
+        grad = jax.jit(jax.grad(lambda *a, fn=fn, r=r: jnp.sum(fn(*a) * r), argnums=tuple(range(len(args)))))
+        row = {}
+        for what, f in (("forward_ms", jax.jit(fn)), ("grad_ms", grad)):
+            jax.block_until_ready(f(*args))
+            row[what] = 1e3 * statistics.median(_time_calls(functools.partial(f, *args), steps))
+        out[name] = row
+    return out
+
+
 def attention_memory(
     tokens: int = 4096, heads: int = 4, head_dim: int = 64, batch: int = 1, implementation: str = "xla"
 ) -> dict:
@@ -446,6 +503,8 @@ def run(
             raise cli.UsageError(f"--peer={peer}: {e}") from None
     if steps < 1:
         raise cli.UsageError(f"--steps={steps} must be >= 1")
+    if mode == "kernels":
+        return _kernels(config, steps, config_name, peer)
     if peak is not None and not peak > 0:
         raise cli.UsageError(f"--peak_tflops={peak} must be > 0")
     if config.lora.rank and not config.lora.base_workdir:
@@ -495,6 +554,25 @@ def run(
             result["peer"] = peer_lib.run(config, mode, steps)
             result["ratio_to_peer"] = result["ms_per_step"] / result["peer"]["ms_per_step"]
     return result
+
+
+def _kernels(config, steps: int, config_name: str, peer: str | None) -> dict:
+    ours = kernel_times(config, steps)
+    result = {"config": config_name, "mode": "kernels", "backend": jax.default_backend(), "steps_timed": steps}
+    result["shapes"] = {k: {n: list(s) for n, s in v.items()} for k, v in kernel_shapes(config).items()}
+    if peer is None:
+        return {**result, "kernels": ours}
+    missing = peer_lib.available()
+    if missing:
+        logging.warning("%s", missing)
+        return {**result, "kernels": ours, "peer": {"missing": missing}}
+    theirs = peer_lib.kernel_times(kernel_shapes(config), steps)
+    rows = {}
+    for name, row in ours.items():
+        rows[name] = {**row, **{f"peer_{k}": v for k, v in theirs["kernels"][name].items()}}
+        for k in ("forward_ms", "grad_ms"):
+            rows[name][k.replace("_ms", "_ratio")] = row[k] / theirs["kernels"][name][k]
+    return {**result, "kernels": rows, "peer": {k: v for k, v in theirs.items() if k != "kernels"}}
 
 
 def to_json(result: dict) -> str:

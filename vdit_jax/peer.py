@@ -119,3 +119,53 @@ def run(config: ml_collections.ConfigDict, mode: str, steps: int) -> dict:
         "tokens_per_video": int(np.prod([t // model.config.patch_size[0], h // model.config.patch_size[1]]))
         * (w // model.config.patch_size[2]),
     }
+
+
+def kernel_times(shapes: dict[str, dict[str, tuple[int, ...]]], steps: int) -> dict:
+    """PyTorch's side of `bench.kernel_times` at the same `shapes` (`bench.kernel_shapes`), float32, eager: attention
+    as diffusers' Wan calls it (`scaled_dot_product_attention` on [B, H, L, Dh]), `x @ w`, `layer_norm` (no
+    affine, eps 1e-6), `gelu(approximate="tanh")`; median forward and gradient (backward of sum(out * r)) ms.
+    Returns {"kernels": {name: {"forward_ms", "grad_ms"}}, "torch", "threads"}."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    def attend(q, k, v):  # [B, L, H, Dh] in and out, as diffusers' attention dispatch does
+        t = lambda a: a.transpose(1, 2)  # noqa: E731
+        return t(F.scaled_dot_product_attention(t(q), t(k), t(v)))
+
+    torch.manual_seed(0)
+    out = {}
+    for name, shape in shapes.items():
+        if "attention" in name:
+            args = [torch.randn(shape["q"]), torch.randn(shape["kv"]), torch.randn(shape["kv"])]
+            fn = attend
+        elif name.startswith("mlp"):
+            args, fn = [torch.randn(shape["x"]), torch.randn(shape["w"])], torch.matmul
+        elif name == "layer_norm":
+            args = [torch.randn(shape["x"])]
+            fn = lambda x: F.layer_norm(x, x.shape[-1:], eps=1e-6)  # noqa: E731
+        else:
+            args = [torch.randn(shape["x"])]
+            fn = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
+        with torch.no_grad():
+            r = torch.randn(fn(*args).shape)
+
+        def forward(fn=fn, args=args):
+            with torch.no_grad():
+                return fn(*args)
+
+        def grad(fn=fn, args=args, r=r):
+            leaves = [a.detach().requires_grad_() for a in args]
+            return torch.autograd.grad((fn(*leaves) * r).sum(), leaves)
+
+        row = {}
+        for what, call in (("forward_ms", forward), ("grad_ms", grad)):
+            call()  # warm-up
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+            row[what] = 1e3 * statistics.median(times)
+        out[name] = row
+    return {"kernels": out, "torch": torch.__version__, "threads": torch.get_num_threads()}
