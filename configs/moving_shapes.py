@@ -1,6 +1,6 @@
 """moving_shapes experiments: `--config=configs/moving_shapes.py:VARIANT` with VARIANT one of tiny / S / B / XL.
 
-`tiny` is the CPU demo (README): a small DiT on the 8x16 builder config, 4,600 steps in about twelve minutes on two
+`tiny` is the CPU demo (README): a small DiT on the 8x16 builder config, 6,000 steps in about ten minutes on two
 cores; what its samples reach is measured in the README. S / B / XL are the same task at accelerator scale on
 the 16x64 builder config.
 """

@@ -10,9 +10,9 @@ Implementations (`DiTConfig.attention_impl`):
           `jax.nn.dot_product_attention(implementation="xla")`, heads-major, with a 2.2x faster gradient on CPUs).
   chunked `blockwise.query_chunked_attention`: CHUNK_Q queries of a few heads at a time against every key, with a
           custom VJP that recomputes each chunk's probabilities; no [Lq, Lk] scores in memory, forward or backward.
-          On 2 CPU cores, 2,048 tokens of 6 heads x 64: forward 45 ms and gradient 127 ms against xla's 146 and
-          548; at 512 tokens 7.2 / 21.7 against 9.9 / 46.0; at 64 tokens (16 x 4 heads x 32) slower, 1.4 / 3.5
-          against 1.1 / 2.3 ms (`python -m vdit_jax.bench --mode=attention_speed`).
+          On 2 CPU cores, 2,048 tokens of 6 heads x 64: forward 44 ms and gradient 127 ms against xla's 143 and
+          530; at 512 tokens 7.9 / 21.7 against 7.4 / 35.0; at 64 tokens (16 x 4 heads x 32) within noise of xla
+          (gradient 2.5-3.0 against 2.4-2.7 ms over two runs) (`python -m vdit_jax.bench --mode=attention_speed`).
   cudnn   cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) in bf16; the token axes
           are padded to a multiple of 64 and the padding masked through the sequence lengths, the head width padded
           to a multiple of 8 (wider than cuDNN takes: XLA, with one log line).

@@ -287,6 +287,10 @@ class _Loop:
             with step_lib.logical_context(self.mesh, self.rules), guard:
                 timer.tick(start)
                 while self.step < tc.num_steps:
+                    # Input overlaps compute: dispatch is asynchronous, so this batch is read (grain's prefetch
+                    # threads decode the records ahead), stacked and put on the devices while the previous step
+                    # still runs; the streak check below waits for that previous step only, so at most two steps
+                    # are in flight. Measured on the CPU demo: the loop runs within ~3 % of the bare step (README).
                     batch = self._next_batch()
                     state, metrics = self.train_step(state, batch)
                     self.step = step = self.step + 1
