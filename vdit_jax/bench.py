@@ -3,6 +3,7 @@
     python -m vdit_jax.bench --config=configs/bench.py:S2 [--steps=5] [--peak_tflops=X] [--mode=train|sample]
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m vdit_jax.bench --mode=attention_memory
     python -m vdit_jax.bench --mode=attention_speed     # forward / gradient ms of xla vs chunked attention
+    python -m vdit_jax.bench --config=configs/bench.py:C1 --mode=kernels [--peer=diffusers]   # op by op
 
 From a notebook: `bench.run(config, mode="train", steps=5)` returns the same dict. Nothing here reads a dataset:
 batches are synthetic arrays created on the devices with the shardings training uses.
