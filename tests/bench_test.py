@@ -219,6 +219,9 @@ def test_kernels_mode_times_every_operation_at_the_config_shapes(monkeypatch):
     r = bench.run(tiny, mode="kernels", steps=1, peer="diffusers")
     assert set(r["kernels"]) == set(shapes) and "needs torch and diffusers" in r["peer"]["missing"]
     assert all(row["forward_ms"] > 0 and row["grad_ms"] > 0 for row in r["kernels"].values())
+    tiny.model.attention = "factorized"
+    with pytest.raises(cli.UsageError, match=r"full self-attention over all 64 tokens; .* \['spatial', 'temporal'\]"):
+        bench.run(tiny, mode="kernels", steps=1)
 
 
 def test_peer_kernel_times_run_in_pytorch():

@@ -385,6 +385,11 @@ def kernel_shapes(config: ml_collections.ConfigDict) -> dict[str, dict[str, tupl
     b, n, d, h = config.train.global_batch_size, num_tokens(config), m.hidden_size, m.num_heads
     if n is None:
         raise cli.UsageError("--mode=kernels needs a DiT config (configs/bench.py)")
+    layouts = {g for groupings, _, _ in config_lib.model_config(config).stages() for g in groupings}
+    if layouts != {"full"}:
+        raise cli.UsageError(
+            f"--mode=kernels times full self-attention over all {n} tokens; this DiT attends in {sorted(layouts)}"
+        )
     f = int(m.mlp_ratio * d)
     shapes = {
         "self_attention": {"q": (b, n, h, d // h), "kv": (b, n, h, d // h)},
