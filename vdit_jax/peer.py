@@ -63,6 +63,18 @@ def wan_kwargs(config: ml_collections.ConfigDict) -> dict:
     )
 
 
+def _times(call, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of `call`, after one warm-up call (eager PyTorch on the CPU: each call has
+    finished when it returns)."""
+    call()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def run(config: ml_collections.ConfigDict, mode: str, steps: int) -> dict:
     """Times diffusers' Wan transformer at `config`'s shape in `mode` ("train" / "sample"): {"ms_per_step", "params",
     "torch", "torch_build", "threads", ...}. Raises ImportError without the `peer` extra (see `available`)."""
@@ -99,12 +111,7 @@ def run(config: ml_collections.ConfigDict, mode: str, steps: int) -> dict:
             opt.step()
             return loss
 
-    call()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+    times = _times(call, steps)
     return {
         "model": "diffusers.WanTransformer3DModel",
         "torch": torch.__version__,
@@ -158,14 +165,8 @@ def kernel_times(shapes: dict[str, dict[str, tuple[int, ...]]], steps: int) -> d
             leaves = [a.detach().requires_grad_() for a in args]
             return torch.autograd.grad((fn(*leaves) * r).sum(), leaves)
 
-        row = {}
-        for what, call in (("forward_ms", forward), ("grad_ms", grad)):
-            call()  # warm-up
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            row[what] = 1e3 * statistics.median(times)
-        out[name] = row
+        out[name] = {
+            what: 1e3 * statistics.median(_times(call, steps))
+            for what, call in (("forward_ms", forward), ("grad_ms", grad))
+        }
     return {"kernels": out, "torch": torch.__version__, "threads": torch.get_num_threads()}

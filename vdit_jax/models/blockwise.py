@@ -203,13 +203,13 @@ def query_chunked_attention(
     a real key; a query with no real key gets zeros.
 
     The CPU path of `attention.attend`. A chunk's scores ([g, block_q, Lk] float32, g (batch, head) pairs chosen so
-    that the tile holds at most `tile_elements`) stay in the caches, where XLA's `dot_product_attention` writes all
-    [B, H, Lq, Lk] of them to memory and reads them back for the softmax and for P @ V. The custom VJP keeps q, k,
-    v, the output and its log-sum-exp and recomputes each chunk's probabilities (FlashAttention-2's backward, by
-    query chunks), so reverse mode stores no scores either. The backward works on transposed scores [g, Lk, bq]
-    with K^T precomputed, so that every one of its five matmuls is a plain or right-transposed product: XLA's CPU
-    runs a left-transposed one (P^T dO in the usual layout) at under half the speed (measured on 2 Sapphire Rapids
-    cores: 80-115 against 200-290 GFLOP/s).
+    that the tile holds at most `tile_elements`) stay in the caches, where plain attention (`attention.xla_attention`)
+    writes all [B, H, Lq, Lk] of them to memory and reads them back for the softmax and for P @ V. The custom VJP
+    keeps q, k, v, the output and its log-sum-exp and recomputes each chunk's probabilities (FlashAttention-2's
+    backward, by query chunks), so reverse mode stores no scores either. The backward works on transposed scores
+    [g, Lk, bq] with K^T precomputed, so that every one of its five matmuls is a plain or right-transposed product:
+    XLA's CPU runs a left-transposed one (P^T dO in the usual layout) at under half the speed (measured on 2
+    Sapphire Rapids cores: 80-115 against 200-290 GFLOP/s).
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]
